@@ -1,0 +1,349 @@
+"""The agent's container manager: create, supervise, stop, recover.
+
+Every container has a record in the store and a run directory:
+
+    <state>/containers/<id>/stdout.log, stderr.log   the container's output
+    <state>/containers/<id>/result.json              written by the worker at exit
+
+Agent restarts never kill containers: workers live in their own sessions and
+report through result.json when the agent is away. On start the agent
+re-adopts every recorded container whose process still runs (same pid, same
+start time) and settles the rest from their result files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.metrics import AgentMetrics
+from agent.records import EXITED, RUNNING, ContainerRecord, pid_start_ticks
+from agent.sandbox.runtime import STOP_GRACE_S, SandboxRuntime
+from agent.sandbox.spec import ExitReason, ExitStatus, RunSpec
+from nova import errors
+from nova.store import Store, keys
+
+log = logging.getLogger("nova.agent.containers")
+
+LOG_POLL_S = 0.05
+STREAMS = ("stdout", "stderr")
+
+
+class NotFound(errors.NovaError):
+    exit_code = errors.EXIT_NOVA
+
+
+class Conflict(errors.NovaError):
+    exit_code = errors.EXIT_NOVA
+
+
+class Supervised(Protocol):
+    """What the manager needs of a running container, launched or adopted."""
+
+    def signal(self, sig: int) -> bool: ...
+    async def wait(self) -> ExitStatus: ...
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> ExitStatus: ...
+
+
+class AdoptedProcess:
+    """A container started by an earlier agent: watched through a pidfd."""
+
+    def __init__(self, record: ContainerRecord, run_dir: Path) -> None:
+        self.record = record
+        self.run_dir = run_dir
+        self.pidfd = os.pidfd_open(record.pid)
+        self.stop_requested = False
+        self._exited = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        self._exited.set()
+
+    def signal(self, sig: int) -> bool:
+        if self.pidfd < 0:
+            return False
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    async def wait(self) -> ExitStatus:
+        await self._exited.wait()
+        status = read_result(self.run_dir)
+        if status is not None:
+            return status
+        if self.stop_requested:
+            return ExitStatus.for_reason(ExitReason.STOPPED, "stopped on request")
+        return ExitStatus.for_reason(ExitReason.KILLED, "the worker process died")
+
+    async def stop(self, grace_s: float = STOP_GRACE_S) -> ExitStatus:
+        self.stop_requested = True
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.wait(), grace_s)
+        except TimeoutError:
+            self.signal(signal.SIGKILL)
+            return await self.wait()
+
+
+def read_result(run_dir: Path) -> ExitStatus | None:
+    try:
+        return ExitStatus.from_json(json.loads((run_dir / "result.json").read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class ContainerManager:
+    def __init__(
+        self,
+        *,
+        node: str,
+        store: Store,
+        runtime: SandboxRuntime,
+        containers_dir: Path,
+        metrics: AgentMetrics,
+    ) -> None:
+        self.node = node
+        self.store = store
+        self.runtime = runtime
+        self.containers_dir = containers_dir
+        self.metrics = metrics
+        self._records: dict[str, ContainerRecord] = {}
+        self._running: dict[str, Supervised] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._exited: dict[str, asyncio.Event] = {}
+
+    # -- queries ------------------------------------------------------------
+
+    def list(self, *, include_exited: bool = False) -> list[ContainerRecord]:
+        records = sorted(self._records.values(), key=lambda r: r.created_at)
+        return [r for r in records if include_exited or r.state == RUNNING]
+
+    def get(self, ref: str) -> ContainerRecord:
+        """By name, id, or unique id prefix."""
+        for record in self._records.values():
+            if ref in (record.name, record.id):
+                return record
+        matches = [r for r in self._records.values() if r.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        raise NotFound(f"no container named {ref!r} (see `nova ps -a`)")
+
+    def run_dir(self, record: ContainerRecord) -> Path:
+        return self.containers_dir / record.id
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def create(self, spec: RunSpec, *, request_ns: int | None = None) -> ContainerRecord:
+        """Validate, launch and start supervising one container.
+
+        `spec` comes from the API with `module_path` set and no digest yet.
+        Raises NovaError subclasses with messages for users.
+        """
+        request_ns = request_ns or time.monotonic_ns()
+        name = spec.name or _default_name(spec.module_path)
+        self._claim_name(name, spec.http_port)
+        try:
+            module = await self.runtime.resolve(spec.module_path)
+        except errors.NovaError as exc:
+            self.metrics.start_failures.labels(type(exc).__name__).inc()
+            raise
+        container_id = secrets.token_hex(6)
+        run_dir = self.containers_dir / container_id
+        run_dir.mkdir(parents=True, mode=0o700)
+        spec = replace(
+            spec,
+            id=container_id,
+            name=name,
+            digest=module.digest,
+            artifact=str(module.artifact),
+            run_dir=str(run_dir),
+        )
+        record = ContainerRecord(id=container_id, name=name, node=self.node, spec=spec)
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        stdout = os.open(run_dir / "stdout.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        stderr = os.open(run_dir / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            container = await self.runtime.launch(
+                spec, (stdin, stdout, stderr), request_ns=request_ns
+            )
+        finally:
+            for fd in (stdin, stdout, stderr):
+                os.close(fd)
+        record.pid = container.pid
+        record.pid_start_ticks = pid_start_ticks(container.pid)
+        self.metrics.container_starts.labels(str(container.pooled).lower()).inc()
+        self.metrics.active_containers.inc()
+        self._track(record, container)
+        await self._save(record)
+
+        async def observe_start() -> None:
+            await container.worker.started.wait()
+            if container.worker.entry_ns:
+                record.startup_us = (container.worker.entry_ns - request_ns) / 1000
+                self.metrics.startup_duration.observe(record.startup_us)
+
+        self._spawn(observe_start(), f"nova-started-{container_id}")
+        return record
+
+    async def stop(self, ref: str, *, grace_s: float = STOP_GRACE_S) -> ContainerRecord:
+        record = self.get(ref)
+        running = self._running.get(record.id)
+        if running is not None:
+            await running.stop(grace_s)
+            await self._exited[record.id].wait()
+        return record
+
+    async def wait(self, ref: str) -> ContainerRecord:
+        record = self.get(ref)
+        event = self._exited.get(record.id)
+        if event is not None:
+            await event.wait()
+        return record
+
+    async def remove(self, ref: str) -> None:
+        record = self.get(ref)
+        if record.state == RUNNING:
+            raise Conflict(f"container {record.name} is running; stop it first (`nova stop`)")
+        await self.store.delete(keys.container(self.node, record.id))
+        self._records.pop(record.id, None)
+        self._exited.pop(record.id, None)
+        shutil.rmtree(self.run_dir(record), ignore_errors=True)
+
+    async def recover(self) -> None:
+        """Adopt containers an earlier agent started; settle those that ended."""
+        for entry in await self.store.list(keys.containers_on(self.node)):
+            try:
+                record = ContainerRecord.from_json(entry.json())
+            except (KeyError, TypeError, ValueError) as exc:
+                log.error("skipping unreadable container record %s: %s", entry.key, exc)
+                continue
+            self._records[record.id] = record
+            if record.state != RUNNING:
+                continue
+            if record.spec.run_dir is None:
+                # A daemonless `nova run`: its own process records how it ends.
+                if pid_start_ticks(record.pid) != record.pid_start_ticks:
+                    await self._finish(
+                        record,
+                        ExitStatus.for_reason(
+                            ExitReason.KILLED, "the daemonless run ended without recording a result"
+                        ),
+                    )
+                continue
+            run_dir = self.run_dir(record)
+            alive = record.pid and pid_start_ticks(record.pid) == record.pid_start_ticks
+            if alive:
+                try:
+                    adopted = AdoptedProcess(record, run_dir)
+                except ProcessLookupError:
+                    alive = False
+                else:
+                    log.info("adopted running container %s (pid %d)", record.name, record.pid)
+                    self.metrics.active_containers.inc()
+                    self._track(record, adopted)
+                    continue
+            status = read_result(run_dir) or ExitStatus.for_reason(
+                ExitReason.KILLED, "ended while the agent was down; no result was recorded"
+            )
+            await self._finish(record, status)
+
+    async def close(self) -> None:
+        """Stop supervising. Containers keep running; a new agent adopts them."""
+        for task in list(self._watchers.values()):
+            task.cancel()
+        for task in list(self._watchers.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watchers.clear()
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(cid) for cid in list(self._running)))
+
+    # -- logs -----------------------------------------------------------------
+
+    async def logs(self, ref: str, stream: str, *, follow: bool) -> AsyncIterator[bytes]:
+        if stream not in STREAMS:
+            raise errors.UsageError(f"unknown log stream {stream!r}: use stdout or stderr")
+        record = self.get(ref)
+        path = self.run_dir(record) / f"{stream}.log"
+        try:
+            handle = open(path, "rb")  # noqa: SIM115, ASYNC230 (a local log file; closed in finally)
+        except FileNotFoundError:
+            return
+        try:
+            while True:
+                chunk = handle.read(65536)
+                if chunk:
+                    yield chunk
+                    continue
+                if not follow or record.state != RUNNING:
+                    # One last read: the container may have written just before exiting.
+                    tail = handle.read()
+                    if tail:
+                        yield tail
+                    return
+                await asyncio.sleep(LOG_POLL_S)
+        finally:
+            handle.close()
+
+    # -- internals ----------------------------------------------------------
+
+    def _claim_name(self, name: str, http_port: int | None) -> None:
+        for record in list(self._records.values()):
+            if record.state == RUNNING and record.name == name:
+                raise Conflict(f"a container named {name!r} is already running")
+            if record.state == RUNNING and http_port and record.spec.http_port == http_port:
+                raise Conflict(f"port {http_port} is already served by container {record.name}")
+
+    def _track(self, record: ContainerRecord, running: Supervised) -> None:
+        self._records[record.id] = record
+        self._running[record.id] = running
+        self._exited[record.id] = asyncio.Event()
+        self._watchers[record.id] = self._spawn(self._supervise(record, running), record.id)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(coro, name=name)
+
+    async def _supervise(self, record: ContainerRecord, running: Supervised) -> None:
+        status = await running.wait()
+        self.metrics.active_containers.dec()
+        await self._finish(record, status)
+
+    async def _finish(self, record: ContainerRecord, status: ExitStatus) -> None:
+        record.state = EXITED
+        record.status = status
+        record.finished_at = time.time()
+        self._running.pop(record.id, None)
+        self._watchers.pop(record.id, None)
+        self.metrics.container_exits.labels(status.reason.value).inc()
+        log.info("container %s %s", record.name, status.describe())
+        try:
+            await self._save(record)
+        finally:
+            event = self._exited.setdefault(record.id, asyncio.Event())
+            event.set()
+
+    async def _save(self, record: ContainerRecord) -> None:
+        await self.store.put_json(keys.container(self.node, record.id), record.to_json())
+
+
+def _default_name(module_path: str) -> str:
+    stem = Path(module_path).stem.lower()
+    stem = "".join(ch if ch.isalnum() else "-" for ch in stem).strip("-")[:40] or "container"
+    return f"{stem}-{secrets.token_hex(3)}"

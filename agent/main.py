@@ -1,0 +1,241 @@
+"""nova-agent: the per-host daemon.
+
+In standalone mode (one host, no Consul) it keeps its state in SQLite, runs
+containers from a warm pool of sandboxed workers, and serves the local API on
+a unix socket for the `nova` CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from agent.api import make_app, make_metrics_app
+from agent.containers import ContainerManager
+from agent.metrics import AgentMetrics
+from agent.sandbox.runtime import SandboxRuntime
+from nova import errors, paths
+from nova.store import open_store
+
+log = logging.getLogger("nova.agent")
+
+DESCRIPTION = """\
+Run the Nova agent on this host.
+
+The agent runs WebAssembly containers, each in its own worker process taken
+from a warm pool, and serves the local API that `nova run`, `nova ps`,
+`nova logs` and `nova stop` use. Containers keep running across agent
+restarts: a restarted agent adopts them.
+"""
+
+EPILOG = """\
+files:
+  /run/nova/agent.sock      the API socket (NOVA_SOCKET)
+  /var/lib/nova/state.db    containers and local state, SQLite (NOVA_STATE_DIR)
+  /var/lib/nova/containers  per-container logs and results
+  /var/lib/nova/cache       compiled modules (NOVA_CACHE_DIR)
+  (non-root users get XDG directories instead; see docs/cli.md)
+
+examples:
+  nova-agent --standalone
+  nova-agent --standalone --pool-size 16 --metrics-address 0.0.0.0:9464
+
+exit status:
+  0 on a clean shutdown (SIGTERM, SIGINT), 2 on a usage error,
+  125 when the agent cannot start (socket in use, state unreadable).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nova-agent",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--standalone",
+        action="store_true",
+        help="single host: local SQLite state, no Consul",
+    )
+    mode.add_argument(
+        "--consul",
+        metavar="URL",
+        help="cluster mode through the Consul agent at URL (not available in this release)",
+    )
+    parser.add_argument(
+        "--node", default=socket.gethostname(), help="node name (default: hostname)"
+    )
+    parser.add_argument(
+        "--socket", type=Path, default=None, help=f"API socket (default: {paths.socket_path()})"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help=f"state directory (default: {paths.state_dir()})",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"compiled-module cache (default: {paths.cache_dir()})",
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        default=4,
+        metavar="N",
+        help="warm workers kept ready (default: 4; 0 disables the pool)",
+    )
+    parser.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        default=None,
+        help="also serve /metrics over TCP here, e.g. 127.0.0.1:9464 (it is always on the socket)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+class Agent:
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.state_dir:
+            os.environ["NOVA_STATE_DIR"] = str(args.state_dir)
+        self.args = args
+        self.state_dir = paths.state_dir()
+        self.socket_path: Path = args.socket or paths.socket_path()
+        self.cache_dir: Path = args.cache_dir or paths.cache_dir()
+        self._lock_file: int | None = None
+        self._runners: list[web.AppRunner] = []
+
+    async def run(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._take_lock()
+        store = open_store(str(self.state_dir / "state.db"))
+        await store.open()
+        runtime = SandboxRuntime(str(self.cache_dir), pool_size=self.args.pool_size)
+        metrics = AgentMetrics(runtime)
+        manager = ContainerManager(
+            node=self.args.node,
+            store=store,
+            runtime=runtime,
+            containers_dir=self.state_dir / "containers",
+            metrics=metrics,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await runtime.start()
+            await manager.recover()
+            await self._serve_socket(
+                make_app(manager=manager, metrics_=metrics, node=self.args.node)
+            )
+            if self.args.metrics_address:
+                await self._serve_tcp(make_metrics_app(metrics), self.args.metrics_address)
+            log.info(
+                "agent ready: node=%s socket=%s pool=%d state=%s",
+                self.args.node,
+                self.socket_path,
+                self.args.pool_size,
+                self.state_dir,
+            )
+            await stop.wait()
+            log.info("shutting down; running containers keep running")
+        finally:
+            for runner in self._runners:
+                await runner.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+            await manager.close()
+            await runtime.close()
+            await store.close()
+
+    def _take_lock(self) -> None:
+        lock_path = self.state_dir / "agent.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise errors.NovaError(
+                f"another nova-agent already uses {self.state_dir} (lock {lock_path} is held)"
+            ) from None
+        self._lock_file = fd
+
+    async def _serve_socket(self, app: web.Application) -> None:
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if path.exists():
+            if _socket_answers(path):
+                raise errors.NovaError(f"{path} is in use by a running agent")
+            path.unlink()  # left behind by an agent that died
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.UnixSite(runner, str(path)).start()
+        os.chmod(path, 0o660)
+        self._runners.append(runner)
+
+    async def _serve_tcp(self, app: web.Application, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise errors.UsageError(f"invalid --metrics-address {address!r}: expected HOST:PORT")
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, int(port)).start()
+        self._runners.append(runner)
+
+
+def _socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.consul:
+        print(
+            "nova-agent: cluster mode (--consul) is not available in this release; "
+            "use --standalone",
+            file=sys.stderr,
+        )
+        return errors.EXIT_USAGE
+    if args.pool_size < 0:
+        print("nova-agent: --pool-size must be 0 or more", file=sys.stderr)
+        return errors.EXIT_USAGE
+    try:
+        uvloop.run(Agent(args).run())
+    except errors.NovaError as exc:
+        print(f"nova-agent: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

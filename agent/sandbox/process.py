@@ -1,0 +1,222 @@
+"""Parent-side handles on the zygote and on worker processes (asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from agent.sandbox import channel
+from agent.sandbox.spec import ExitReason, ExitStatus, RunSpec
+from nova import errors
+
+READY_TIMEOUT_S = 30.0
+
+
+async def recv_async(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """Await the next message on a non-blocking channel socket."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return channel.recv(sock)
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            return None, []
+        readable = loop.create_future()
+        loop.add_reader(sock.fileno(), readable.set_result, None)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
+class WorkerHandle:
+    """One worker process: waits ready, runs one spec, reports one ExitStatus."""
+
+    def __init__(self, pid: int, sock: socket.socket, popen: subprocess.Popen[bytes] | None = None):
+        self.pid = pid
+        self.sock = sock
+        self.sock.setblocking(False)
+        self._popen = popen  # set when we started the interpreter ourselves (cold path)
+        self.pidfd = os.pidfd_open(pid)
+        self.spec: RunSpec | None = None
+        self.stop_requested = False
+        self.timed_out = False
+        self.entry_ns = 0  # when the guest's _start was entered, once known
+        self.started = asyncio.Event()
+
+    async def wait_ready(self) -> None:
+        try:
+            message, _ = await asyncio.wait_for(recv_async(self.sock), READY_TIMEOUT_S)
+        except TimeoutError:
+            self.kill()
+            raise errors.SandboxError(f"worker {self.pid} did not become ready") from None
+        if not message or message.get("op") != "ready":
+            raise errors.SandboxError(f"worker {self.pid} died while starting")
+
+    def preload(self, digest: str, artifact: str) -> None:
+        with contextlib.suppress(OSError):
+            channel.send(self.sock, {"op": "preload", "digest": digest, "artifact": artifact})
+
+    def run(self, spec: RunSpec, stdio: tuple[int, int, int]) -> None:
+        self.spec = spec
+        try:
+            channel.send(self.sock, {"op": "run", "spec": spec.to_json()}, list(stdio))
+        except OSError as exc:
+            raise errors.SandboxError(f"worker {self.pid} is gone: {exc.strerror}") from None
+
+    async def result(self) -> ExitStatus:
+        """The container's ExitStatus, however the worker ended."""
+        try:
+            while True:
+                message, _ = await recv_async(self.sock)
+                if message is None or message.get("op") != "started":
+                    break
+                self.entry_ns = int(message["entry_ns"])
+                self.started.set()
+        finally:
+            self.close_channel()
+        if message and message.get("op") == "result":
+            status = ExitStatus.from_json(message["status"])
+        else:
+            status = self._status_without_report()
+        self.entry_ns = self.entry_ns or status.entry_ns
+        self.started.set()
+        await self._reap()
+        return status
+
+    def _status_without_report(self) -> ExitStatus:
+        if self.spec is not None and self.spec.run_dir:
+            path = Path(self.spec.run_dir) / "result.json"
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                return ExitStatus.from_json(json.loads(path.read_text()))
+        if self.timed_out:
+            timeout = self.spec.timeout_s if self.spec else None
+            return ExitStatus.for_reason(ExitReason.TIMEOUT, f"ran past its timeout of {timeout}s")
+        if self.stop_requested:
+            return ExitStatus.for_reason(ExitReason.STOPPED, "stopped on request")
+        return ExitStatus.for_reason(ExitReason.KILLED, "the worker process died")
+
+    def signal(self, sig: int) -> bool:
+        """Signal the worker (0 probes it); False once it is gone."""
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def close_channel(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    async def _reap(self) -> None:
+        if self._popen is not None:
+            await asyncio.to_thread(self._popen.wait)
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def __del__(self) -> None:
+        if getattr(self, "pidfd", -1) >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+
+
+class Zygote:
+    """The parent's end of the zygote: spawn workers, preload modules into it."""
+
+    def __init__(self) -> None:
+        self._control: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()  # one request in flight on the control channel
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._start_blocking)
+
+    def _start_blocking(self) -> None:
+        ours, theirs = channel.pair()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.sandbox.zygote", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._control = ours
+        ours.settimeout(READY_TIMEOUT_S)
+        message, _ = channel.recv(ours)
+        if not message or message.get("op") != "ready":
+            raise errors.SandboxError("the zygote process failed to start")
+
+    def _request(self, message: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
+        if self._control is None:
+            raise errors.SandboxError("the zygote is not running")
+        with self._lock:
+            try:
+                channel.send(self._control, message, fds)
+                reply, _ = channel.recv(self._control)
+            except OSError as exc:
+                raise errors.SandboxError(f"the zygote is gone: {exc}") from None
+        if reply is None:
+            raise errors.SandboxError("the zygote exited")
+        return reply
+
+    async def spawn(self) -> WorkerHandle:
+        """Fork a worker and wait until it is ready to run."""
+        ours, theirs = channel.pair()
+        try:
+            reply = await asyncio.to_thread(self._request, {"op": "spawn"}, [theirs.fileno()])
+        finally:
+            theirs.close()
+        handle = WorkerHandle(int(reply["pid"]), ours)
+        await handle.wait_ready()
+        return handle
+
+    async def preload(self, digest: str, artifact: str) -> None:
+        reply = await asyncio.to_thread(
+            self._request, {"op": "preload", "digest": digest, "artifact": artifact}
+        )
+        if not reply.get("ok"):
+            raise errors.SandboxError(f"the zygote could not load {artifact}: {reply.get('error')}")
+
+    async def close(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._proc is not None:
+            proc, self._proc = self._proc, None
+            try:
+                await asyncio.wait_for(asyncio.to_thread(proc.wait), 5)
+            except TimeoutError:
+                proc.kill()
+                await asyncio.to_thread(proc.wait)
+
+
+async def spawn_cold_worker() -> WorkerHandle:
+    """A worker in a brand-new interpreter: the slow path, no zygote involved."""
+    ours, theirs = channel.pair()
+    proc = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "agent.sandbox.worker", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),),
+        stdin=subprocess.DEVNULL,
+    )
+    theirs.close()
+    handle = WorkerHandle(proc.pid, ours, popen=proc)
+    await handle.wait_ready()
+    return handle

@@ -1,0 +1,152 @@
+"""What a container run needs (`RunSpec`) and how it ended (`ExitStatus`).
+
+Both travel as JSON: CLI -> agent API -> worker process, and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from nova import errors
+
+
+@dataclass(frozen=True, slots=True)
+class DirMount:
+    """A host directory preopened for the guest (`--dir HOST:GUEST[:ro]`)."""
+
+    host: str
+    guest: str
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> DirMount:
+        parts = text.split(":")
+        read_only = False
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            read_only = parts.pop() == "ro"
+        if len(parts) == 1:
+            parts.append(parts[0])
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise errors.UsageError(
+                f"invalid --dir {text!r}: expected HOST[:GUEST][:ro], e.g. ./data:/data:ro"
+            )
+        return cls(host=parts[0], guest=parts[1], read_only=read_only)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """Everything a worker needs to run one container.
+
+    `digest` is the sha256 of the module's bytes; `artifact` is the path of its
+    verified compiled artifact in the module cache.
+    """
+
+    id: str
+    name: str
+    digest: str
+    artifact: str
+    module_path: str = ""
+    argv: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    dirs: tuple[DirMount, ...] = ()
+    memory_bytes: int | None = None
+    timeout_s: float | None = None
+    run_dir: str | None = None  # where the worker writes result.json (agent mode)
+    http_port: int | None = None  # serve HTTP (WAGI) on this port instead of running once
+    http_host: str = "127.0.0.1"
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["env"] = [list(pair) for pair in self.env]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSpec:
+        return cls(
+            id=data["id"],
+            name=data["name"],
+            digest=data["digest"],
+            artifact=data["artifact"],
+            module_path=data.get("module_path", ""),
+            argv=tuple(data.get("argv", ())),
+            env=tuple((k, v) for k, v in data.get("env", ())),
+            dirs=tuple(DirMount(**d) for d in data.get("dirs", ())),
+            memory_bytes=data.get("memory_bytes"),
+            timeout_s=data.get("timeout_s"),
+            run_dir=data.get("run_dir"),
+            http_port=data.get("http_port"),
+            http_host=data.get("http_host", "127.0.0.1"),
+        )
+
+
+class ExitReason(enum.StrEnum):
+    EXITED = "Exited"  # returned from _start or called proc_exit
+    TRAPPED = "Trapped"  # a wasm trap (unreachable, out-of-bounds, ...)
+    TIMEOUT = "Timeout"  # ran past its timeout; stopped by epoch interruption or the watchdog
+    STOPPED = "Stopped"  # nova stop
+    KILLED = "Killed"  # the worker died from a signal Nova did not send
+    OOM_KILLED = "OOMKilled"  # the kernel's OOM killer (cgroup memory limit)
+    FAILED = "Failed"  # the sandbox could not start the module
+
+
+_REASON_EXIT_CODES = {
+    ExitReason.TRAPPED: errors.EXIT_TRAP,
+    ExitReason.TIMEOUT: errors.EXIT_TIMEOUT,
+    ExitReason.STOPPED: errors.EXIT_STOPPED,
+    ExitReason.KILLED: errors.EXIT_KILLED,
+    ExitReason.OOM_KILLED: errors.EXIT_KILLED,
+    ExitReason.FAILED: errors.EXIT_CANNOT_RUN,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """How a container ended. Timestamps are CLOCK_MONOTONIC nanoseconds."""
+
+    reason: ExitReason
+    exit_code: int
+    message: str = ""
+    entry_ns: int = 0  # just before the module's _start was entered
+    end_ns: int = 0
+    memory_bytes: int = 0  # final size of the linear memory
+    memory_limit_hit: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_reason(cls, reason: ExitReason, message: str = "", **kw: Any) -> ExitStatus:
+        return cls(
+            reason=reason, exit_code=_REASON_EXIT_CODES.get(reason, 1), message=message, **kw
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["reason"] = self.reason.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExitStatus:
+        return cls(
+            reason=ExitReason(data["reason"]),
+            exit_code=int(data["exit_code"]),
+            message=data.get("message", ""),
+            entry_ns=int(data.get("entry_ns", 0)),
+            end_ns=int(data.get("end_ns", 0)),
+            memory_bytes=int(data.get("memory_bytes", 0)),
+            memory_limit_hit=bool(data.get("memory_limit_hit", False)),
+            extra=dict(data.get("extra", {})),
+        )
+
+    def describe(self) -> str:
+        """One line for users, e.g. 'trapped: wasm trap: unreachable'."""
+        if self.reason is ExitReason.EXITED:
+            text = f"exited with code {self.exit_code}"
+        else:
+            text = self.reason.value.lower()
+        if self.message:
+            text += f": {self.message}"
+        if self.memory_limit_hit:
+            text += " (the container reached its memory limit)"
+        return text

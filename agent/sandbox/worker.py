@@ -1,0 +1,327 @@
+"""A worker process: runs exactly one container, then exits.
+
+A worker is forked from the zygote with wasmtime imported and hot modules
+already loaded, waits in the warm pool, and on a `run` message:
+
+1. takes the container's stdio (fds sent with the message) as its own 0/1/2,
+2. prepares the sandbox (`prepare_sandbox`: the isolation layer joins the
+   container's cgroup and netns here, before any guest code runs),
+3. instantiates the module in a fresh Store with the run's limits, and
+4. calls `_start`, then reports an ExitStatus over the channel and, in agent
+   mode, in `<run_dir>/result.json` so a restarted agent can still learn it.
+
+Workers never outlive a lost parent while idle (EOF on the channel ends
+them), but a running container keeps running if the agent restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import wasmtime
+from wasmtime._instance import InstanceExports
+
+from agent.sandbox import channel, wasi
+from agent.sandbox.engine import EPOCH_TICK_S
+from agent.sandbox.spec import ExitReason, ExitStatus, RunSpec
+
+# A guest blocked in a host call (a long sleep) never reaches an epoch check;
+# past its deadline plus this grace, the watchdog ends the worker itself.
+WATCHDOG_GRACE_S = 0.5
+NO_DEADLINE_TICKS = 1 << 62
+WARM_MODULES = 4  # how many of the most recently loaded modules a new worker warms
+WASM_PAGE = 65536
+LIMIT_SLACK = 32 * WASM_PAGE  # 2 MiB: a typical allocator growth step
+
+PrepareHook = Callable[[RunSpec], None]
+
+
+class ModuleTable:
+    """Per-process: digest -> InstancePre (module + WASI linker, ready to instantiate)."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self.engine = engine
+        self.linker = wasmtime.Linker(engine)
+        self.linker.define_wasi()
+        self._pres: dict[str, wasmtime.InstancePre] = {}
+
+    def preload(self, digest: str, artifact: str) -> None:
+        if digest not in self._pres:
+            module = wasmtime.Module.deserialize_file(self.engine, artifact)
+            self._pres[digest] = self.linker.instantiate_pre(module)
+
+    def add(self, digest: str, module: wasmtime.Module) -> None:
+        """Use an already loaded module (in-process runs share the cache's)."""
+        if digest not in self._pres:
+            self._pres[digest] = self.linker.instantiate_pre(module)
+
+    def instance_pre(self, digest: str, artifact: str) -> wasmtime.InstancePre:
+        self.preload(digest, artifact)
+        return self._pres[digest]
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._pres
+
+    def warm(self, digest: str | None = None) -> None:
+        """Instantiate hot modules once, without running them.
+
+        A freshly forked worker shares the zygote's pages copy-on-write; its
+        first instantiation pays for the page faults (about 1.5 ms here).
+        Paying them before the worker reports ready keeps them off the start
+        path.
+        """
+        digests = [digest] if digest else list(self._pres)[-WARM_MODULES:]
+        for each in digests:
+            store = wasmtime.Store(self.engine)
+            store.set_limits(memory_size=1 << 30)
+            store.set_epoch_deadline(NO_DEADLINE_TICKS)
+            store.set_wasi(wasi.build_wasi_config(["warm"], [("NOVA", "warm")], []))
+            instance = self._pres[each].instantiate(store)
+            instance.exports(store).get("_start")
+
+
+class EpochTicker:
+    """Advances the engine epoch while a guest runs; idle workers do not tick.
+
+    It also runs the small jobs that must not delay `_start`: announcing the
+    start to the parent, and the watchdog for guests blocked in host calls.
+    """
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._running = threading.Event()
+        self._watchdog_at: float | None = None
+        self._on_watchdog: Callable[[], None] | None = None
+        self._on_start: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._loop, name="nova-epoch", daemon=True)
+        self._thread.start()
+
+    def begin(
+        self,
+        watchdog_at: float | None,
+        on_watchdog: Callable[[], None] | None,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        self._watchdog_at = watchdog_at
+        self._on_watchdog = on_watchdog
+        self._on_start = on_start
+        self._running.set()
+
+    def end(self) -> None:
+        self._running.clear()
+
+    def _loop(self) -> None:
+        while True:
+            self._running.wait()
+            if self._on_start is not None:
+                on_start, self._on_start = self._on_start, None
+                on_start()
+            time.sleep(EPOCH_TICK_S)
+            self._engine.increment_epoch()
+            deadline = self._watchdog_at
+            if deadline is not None and time.monotonic() > deadline and self._on_watchdog:
+                self._on_watchdog()
+
+
+def prepare_sandbox(spec: RunSpec) -> None:
+    """Enter the container's isolation before guest code runs.
+
+    The plain sandbox needs nothing here; the isolation layer (cgroups, netns)
+    registers its steps in `PREPARE_HOOKS`.
+    """
+    for hook in PREPARE_HOOKS:
+        hook(spec)
+
+
+PREPARE_HOOKS: list[PrepareHook] = []
+
+
+def execute(
+    spec: RunSpec,
+    table: ModuleTable,
+    ticker: EpochTicker | None,
+    *,
+    on_watchdog: Callable[[], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> ExitStatus:
+    """Run the container's `_start` in this process; never raises for guest faults."""
+    engine = table.engine
+    try:
+        prepare_sandbox(spec)
+        store = wasmtime.Store(engine)
+        if spec.memory_bytes is not None:
+            store.set_limits(memory_size=spec.memory_bytes)
+        if spec.timeout_s is not None:
+            store.set_epoch_deadline(max(1, round(spec.timeout_s / EPOCH_TICK_S)))
+        else:
+            store.set_epoch_deadline(NO_DEADLINE_TICKS)
+        store.set_wasi(
+            wasi.build_wasi_config(
+                spec.argv, spec.env, ((d.host, d.guest, d.read_only) for d in spec.dirs)
+            )
+        )
+        instance = table.instance_pre(spec.digest, spec.artifact).instantiate(store)
+        exports = instance.exports(store)
+        start = exports["_start"]
+    except (wasmtime.WasmtimeError, wasmtime.Trap, OSError, KeyError) as exc:
+        return ExitStatus.for_reason(
+            ExitReason.FAILED, f"cannot start the module: {_first_line(exc)}"
+        )
+
+    entry_ns = 0
+    if ticker is not None:
+        deadline = None
+        if spec.timeout_s is not None:
+            deadline = time.monotonic() + spec.timeout_s + WATCHDOG_GRACE_S
+        announce = (lambda: on_start(entry_ns or time.monotonic_ns())) if on_start else None
+        ticker.begin(deadline, on_watchdog, announce)
+    entry_ns = time.monotonic_ns()
+    try:
+        assert isinstance(start, wasmtime.Func)
+        start(store)
+        status = ExitStatus(reason=ExitReason.EXITED, exit_code=0)
+    except wasmtime.ExitTrap as exc:
+        status = ExitStatus(reason=ExitReason.EXITED, exit_code=exc.code)
+    except wasmtime.Trap as exc:
+        if exc.trap_code == wasmtime.TrapCode.INTERRUPT and spec.timeout_s is not None:
+            status = ExitStatus.for_reason(
+                ExitReason.TIMEOUT, f"ran past its timeout of {spec.timeout_s:g}s"
+            )
+        else:
+            status = ExitStatus.for_reason(ExitReason.TRAPPED, _trap_message(exc))
+    except wasmtime.WasmtimeError as exc:
+        status = ExitStatus.for_reason(ExitReason.TRAPPED, _first_line(exc))
+    finally:
+        if ticker is not None:
+            ticker.end()
+    memory_bytes = _memory_size(store, exports)
+    # wasmtime reports a refused memory.grow to the guest, not to us: a failed run
+    # whose memory ended within a few pages of the cap is reported as hitting it.
+    limit_hit = spec.memory_bytes is not None and memory_bytes + LIMIT_SLACK > spec.memory_bytes
+    return ExitStatus(
+        reason=status.reason,
+        exit_code=status.exit_code,
+        message=status.message,
+        entry_ns=entry_ns,
+        end_ns=time.monotonic_ns(),
+        memory_bytes=memory_bytes,
+        memory_limit_hit=limit_hit and status.exit_code != 0,
+    )
+
+
+def _memory_size(store: wasmtime.Store, exports: InstanceExports) -> int:
+    try:
+        memory = exports["memory"]
+    except KeyError:
+        return 0
+    return memory.data_len(store) if isinstance(memory, wasmtime.Memory) else 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _trap_message(exc: wasmtime.Trap) -> str:
+    # wasmtime's message is "error while executing ...\n\nCaused by:\n    wasm trap: unreachable"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("wasm trap:"):
+            return line
+    return lines[-1] if lines else "wasm trap"
+
+
+def write_result(run_dir: str | None, status: ExitStatus) -> None:
+    """Persist the result for an agent that may have restarted meanwhile."""
+    if not run_dir:
+        return
+    path = Path(run_dir) / "result.json"
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(status.to_json()))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # the channel still carries the result; nothing else to do
+
+
+def serve(sock: socket.socket, table: ModuleTable) -> None:
+    """The pooled worker's life: announce readiness, wait for one run, exit."""
+    ticker = EpochTicker(table.engine)
+    table.warm()
+    channel.send(sock, {"op": "ready", "pid": os.getpid()})
+    while True:
+        message, fds = channel.recv(sock)
+        if message is None:
+            os._exit(0)  # the pool is gone and we were never claimed
+        if message["op"] == "preload":
+            try:
+                table.preload(message["digest"], message["artifact"])
+                table.warm(message["digest"])
+            except (wasmtime.WasmtimeError, wasmtime.Trap, OSError):
+                pass  # the run that needs it will report the failure
+            continue
+        if message["op"] == "run":
+            break
+    received_ns = time.monotonic_ns()
+    spec = RunSpec.from_json(message["spec"])
+    for target, fd in enumerate(fds[:3]):
+        os.dup2(fd, target)
+        os.close(fd)
+
+    def watchdog() -> None:
+        status = ExitStatus.for_reason(
+            ExitReason.TIMEOUT,
+            f"ran past its timeout of {spec.timeout_s:g}s (blocked in a host call)",
+            end_ns=time.monotonic_ns(),
+        )
+        _report(sock, spec, status)
+        os._exit(status.exit_code)
+
+    def announce_start(entry_ns: int) -> None:
+        with contextlib.suppress(OSError):
+            channel.send(sock, {"op": "started", "entry_ns": entry_ns})
+
+    if spec.http_port is not None:
+        from agent.sandbox import wagi  # only HTTP workers need aiohttp
+
+        announce_start(time.monotonic_ns())
+        status = wagi.serve(spec, table)
+    else:
+        status = execute(spec, table, ticker, on_watchdog=watchdog, on_start=announce_start)
+    status.extra["received_ns"] = received_ns
+    _report(sock, spec, status)
+    os._exit(status.exit_code & 0xFF)
+
+
+def _report(sock: socket.socket, spec: RunSpec, status: ExitStatus) -> None:
+    write_result(spec.run_dir, status)
+    with contextlib.suppress(OSError):  # the agent restarted; it reads result.json instead
+        channel.send(sock, {"op": "result", "status": status.to_json()})
+
+
+def reset_signals() -> None:
+    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def main(channel_fd: int) -> None:
+    """A worker started as its own interpreter (the cold path: no zygote, no pool)."""
+    from agent.sandbox.engine import make_engine
+
+    reset_signals()
+    os.setsid()
+    serve(socket.socket(fileno=channel_fd), ModuleTable(make_engine(parallel_compilation=False)))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(int(sys.argv[1]))

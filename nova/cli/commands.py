@@ -1,0 +1,177 @@
+"""The `nova` commands: through the agent's API, or daemonless."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from nova import errors, paths
+from nova.cli.client import AgentClient, agent_listening
+from nova.units import parse_duration, parse_size
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    socket_path = Path(args.socket) if args.socket else paths.socket_path()
+    if args.command == "run":
+        body = _create_body(args)
+        if args.no_agent or not agent_listening(socket_path):
+            if args.detach:
+                raise errors.AgentUnavailable(
+                    f"--detach needs a running agent, and none answers at {socket_path}; "
+                    "start one with `nova-agent --standalone`"
+                )
+            from nova.cli import daemonless
+
+            return daemonless.run(body)
+        return uvloop.run(_run_via_agent(socket_path, body, detach=args.detach))
+    if not agent_listening(socket_path):
+        raise errors.AgentUnavailable(
+            f"no agent answers at {socket_path}; start one with `nova-agent --standalone` "
+            "(or pass --socket)"
+        )
+    handlers = {"ps": _ps, "logs": _logs, "stop": _stop, "rm": _rm}
+    return uvloop.run(handlers[args.command](socket_path, args))
+
+
+def _create_body(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate what the user typed before anything starts; UsageError on bad input."""
+    env: dict[str, str] = {}
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise errors.UsageError(f"invalid --env {item!r}: expected NAME=VALUE")
+        env[name] = value
+    body: dict[str, Any] = {
+        "module": os.path.abspath(args.module),
+        "argv": [os.path.basename(args.module), *args.args],
+        "env": env,
+        "dirs": [_check_dir(d) for d in args.dir],
+    }
+    if args.name:
+        body["name"] = args.name
+    if args.memory is not None:
+        body["memory"] = parse_size(args.memory, what="--memory")
+    if args.timeout is not None:
+        body["timeout"] = parse_duration(args.timeout, what="--timeout")
+    if args.port is not None:
+        if not 0 < args.port < 65536:
+            raise errors.UsageError(f"invalid --port {args.port}: expected 1-65535")
+        body["http_port"] = args.port
+        body["http_host"] = args.host
+    if not os.path.exists(args.module):
+        raise errors.ModuleNotFound(f"{args.module}: no such file")
+    return body
+
+
+def _check_dir(text: str) -> str:
+    from agent.sandbox.spec import DirMount
+
+    mount = DirMount.parse(text)
+    if not os.path.isdir(mount.host):
+        raise errors.UsageError(f"invalid --dir {text!r}: {mount.host} is not a directory")
+    return f"{os.path.abspath(mount.host)}:{mount.guest}{':ro' if mount.read_only else ''}"
+
+
+async def _run_via_agent(socket_path: Path, body: dict[str, Any], *, detach: bool) -> int:
+    async with AgentClient(socket_path) as client:
+        record = await client.create(body)
+        name = record["name"]
+        if detach:
+            print(name)
+            return 0
+        try:
+            await asyncio.gather(
+                _copy(client.logs(name, "stdout", follow=True), sys.stdout.buffer),
+                _copy(client.logs(name, "stderr", follow=True), sys.stderr.buffer),
+            )
+            final = await client.wait(name)
+        except asyncio.CancelledError:
+            final = await client.stop(name, 2.0)
+        return _report_exit(name, final)
+
+
+async def _copy(chunks: Any, out: Any) -> None:
+    async for chunk in chunks:
+        out.write(chunk)
+        out.flush()
+
+
+def _report_exit(name: str, record: dict[str, Any]) -> int:
+    status = record.get("status") or {}
+    code = int(status.get("exit_code", errors.EXIT_NOVA))
+    if status.get("reason") != "Exited" or status.get("memory_limit_hit"):
+        print(f"nova: container {name} {record.get('describe', 'ended')}", file=sys.stderr)
+    return code
+
+
+async def _ps(socket_path: Path, args: argparse.Namespace) -> int:
+    async with AgentClient(socket_path) as client:
+        records = await client.list(include_all=args.all)
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    rows = [("NAME", "ID", "STATE", "STARTUP", "AGE", "MODULE", "STATUS")]
+    now = time.time()
+    for r in records:
+        startup = f"{r['startup_us']:.0f}us" if r.get("startup_us") else "-"
+        rows.append(
+            (
+                r["name"],
+                r["id"],
+                r["state"],
+                startup,
+                _age(now - r["created_at"]),
+                os.path.basename(r["module"]),
+                r["describe"]
+                if r["state"] != "running"
+                else ("http :" + str(r["http_port"]) if r.get("http_port") else "running"),
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip()
+        )
+    return 0
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+async def _logs(socket_path: Path, args: argparse.Namespace) -> int:
+    async with AgentClient(socket_path) as client:
+        await client.get(args.name)  # a clear "no container named" before streaming
+        await asyncio.gather(
+            _copy(client.logs(args.name, "stdout", follow=args.follow), sys.stdout.buffer),
+            _copy(client.logs(args.name, "stderr", follow=args.follow), sys.stderr.buffer),
+        )
+    return 0
+
+
+async def _stop(socket_path: Path, args: argparse.Namespace) -> int:
+    grace = parse_duration(args.grace, what="--grace")
+    async with AgentClient(socket_path) as client:
+        record = await client.stop(args.name, grace)
+    print(f"{record['name']}: {record['describe']}")
+    return 0
+
+
+async def _rm(socket_path: Path, args: argparse.Namespace) -> int:
+    async with AgentClient(socket_path) as client:
+        await client.remove(args.name)
+    return 0

@@ -1,0 +1,230 @@
+"""nova: run and inspect WebAssembly containers.
+
+`nova run` goes through the local agent when one answers on its socket, and
+otherwise runs the container itself (daemonless, on the embedded default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from nova import errors
+
+TOP_DESCRIPTION = """\
+Nova runs WebAssembly (WASI) programs as containers: each in its own sandboxed
+worker process, started from a warm pool in microseconds.
+"""
+
+TOP_EPILOG = """\
+commands:
+  run      run a module (through the local agent, or daemonless without one)
+  ps       list containers
+  logs     print a container's output
+  stop     stop a running container
+  rm       forget an exited container and delete its logs
+  doctor   report what this host supports (cgroups, BPF, VXLAN, nftables, ...)
+
+Run `nova COMMAND --help` for a command's options.
+
+exit status (nova run): the container's own exit code when it exits; 2 usage
+error; 124 timeout; 125 Nova failed; 126 module cannot run (not wasm, invalid,
+imports Nova lacks); 127 module not found; 134 trap; 137 killed; 143 stopped.
+"""
+
+RUN_DESCRIPTION = """\
+Run MODULE, a WebAssembly command module (WASI preview1), with ARGS.
+
+If a nova-agent answers on its socket, the container runs under the agent:
+its output is streamed here, and with --detach it keeps running in the
+background (see `nova ps`, `nova logs`, `nova stop`). Without an agent the
+container runs daemonless in this process's sandbox.
+"""
+
+RUN_EPILOG = """\
+examples:
+  nova run app.wasm
+  nova run app.wasm --env NAME=nova --memory 64Mi --timeout 5s -- arg1 arg2
+  nova run cat.wasm --dir ./data:/data:ro -- /data/notes.txt
+  nova run --detach --name web --port 8080 handler.wasm
+
+sizes: 64Mi, 1Gi, 500M, 1048576 (bytes). durations: 250ms, 5s, 2m.
+
+HTTP (--port): each request runs a fresh instance of MODULE with the WAGI
+interface (CGI/1.1 over WASI stdio): request metadata in environment variables,
+the body on stdin, and the response (CGI headers, blank line, body) on stdout.
+
+exit status: the container's own exit code; 124 timeout; 125 Nova failed;
+126 not runnable (not wasm, invalid, unsupported imports); 127 not found;
+134 trap; 137 killed; 143 stopped; 2 usage error.
+"""
+
+
+class NovaArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        message = message.replace("unrecognized arguments", "unknown flag or argument")
+        self.exit(errors.EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> NovaArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = NovaArgumentParser(
+        prog="nova", description=TOP_DESCRIPTION, epilog=TOP_EPILOG, formatter_class=raw
+    )
+    parser.add_argument(
+        "--socket", help="agent API socket (default: $NOVA_SOCKET or /run/nova/agent.sock)"
+    )
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=NovaArgumentParser
+    )
+
+    run = commands.add_parser(
+        "run",
+        help="run a module",
+        description=RUN_DESCRIPTION,
+        epilog=RUN_EPILOG,
+        formatter_class=raw,
+    )
+    run.add_argument("module", metavar="MODULE", help="path of a .wasm file")
+    run.add_argument("args", metavar="ARGS", nargs="*", help="arguments for the module (after --)")
+    run.add_argument("--name", help="container name (default: module name + random suffix)")
+    run.add_argument(
+        "-e",
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set an environment variable (repeatable)",
+    )
+    run.add_argument(
+        "--dir", action="append", default=[], metavar="HOST[:GUEST][:ro]",
+        help="preopen a host directory for the guest, read-only with :ro (repeatable)",
+    )  # fmt: skip
+    run.add_argument("--memory", metavar="SIZE", help="cap the module's linear memory, e.g. 64Mi")
+    run.add_argument(
+        "--timeout", metavar="DURATION", help="stop the container after this long, e.g. 5s"
+    )
+    run.add_argument(
+        "-d", "--detach", action="store_true", help="start under the agent and return its name"
+    )
+    run.add_argument(
+        "-p", "--port", type=int, metavar="PORT", help="serve HTTP on PORT (WAGI handler)"
+    )
+    run.add_argument(
+        "--host", default="127.0.0.1", help="address to serve HTTP on (default: 127.0.0.1)"
+    )
+    run.add_argument(
+        "--no-agent",
+        action="store_true",
+        help="run daemonless in this process even if an agent runs",
+    )
+
+    ps = commands.add_parser("ps", help="list containers", description="List containers.")
+    ps.add_argument("-a", "--all", action="store_true", help="include exited containers")
+    ps.add_argument("--json", action="store_true", help="print JSON")
+
+    logs = commands.add_parser(
+        "logs",
+        help="print a container's output",
+        description="Print a container's stdout and stderr.",
+    )
+    logs.add_argument("name", metavar="NAME", help="container name or id")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing until the container exits"
+    )
+
+    stop = commands.add_parser(
+        "stop",
+        help="stop a container",
+        description="Stop a running container (SIGTERM, then SIGKILL after the grace period).",
+    )
+    stop.add_argument("name", metavar="NAME", help="container name or id")
+    stop.add_argument(
+        "--grace", default="2s", metavar="DURATION", help="time before SIGKILL (default 2s)"
+    )
+
+    rm = commands.add_parser(
+        "rm",
+        help="forget an exited container",
+        description="Forget an exited container and delete its logs.",
+    )
+    rm.add_argument("name", metavar="NAME", help="container name or id")
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="what this host supports",
+        description="Report the kernel features and tools Nova uses on this host.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse `nova [--socket PATH] COMMAND ...`.
+
+    A command's own options may come before or after its positionals
+    (`nova run app.wasm --memory 64Mi`); for `run`, everything after the
+    first `--` belongs to the guest.
+    """
+    parser = build_parser()
+    subparsers = _subparsers(parser)
+    socket_path: str | None = None
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        flag = argv[i]
+        if flag in ("-h", "--help"):
+            parser.print_help()
+            parser.exit(0)
+        if flag == "--socket" and i + 1 < len(argv):
+            socket_path, i = argv[i + 1], i + 2
+        elif flag.startswith("--socket="):
+            socket_path, i = flag.split("=", 1)[1], i + 1
+        else:
+            parser.error(f"unknown flag {flag}")
+    if i == len(argv):
+        parser.print_help(sys.stderr)
+        parser.exit(errors.EXIT_USAGE)
+    command, rest = argv[i], argv[i + 1 :]
+    if command not in subparsers:
+        parser.error(f"unknown command {command!r}")
+    guest: list[str] = []
+    if command == "run" and "--" in rest:
+        cut = rest.index("--")
+        rest, guest = rest[:cut], rest[cut + 1 :]
+    args = subparsers[command].parse_intermixed_args(rest)
+    args.command = command
+    args.socket = socket_path
+    if command == "run":
+        args.args = list(args.args) + guest
+    return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.command == "doctor":
+            from nova import doctor
+
+            return doctor.main(["--json"] if args.json else [])
+        from nova.cli import commands
+
+        return commands.dispatch(args)
+    except errors.NovaError as exc:
+        print(f"nova {args.command}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

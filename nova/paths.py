@@ -1,0 +1,53 @@
+"""Where Nova keeps things on a host, with the environment overrides.
+
+root (a real deployment):          another user (a developer's laptop):
+  state   /var/lib/nova              $XDG_STATE_HOME/nova (~/.local/state/nova)
+  cache   /var/lib/nova/cache        $XDG_CACHE_HOME/nova (~/.cache/nova)
+  socket  /run/nova/agent.sock       $XDG_RUNTIME_DIR/nova/agent.sock (or /tmp/nova-$UID/)
+
+NOVA_STATE_DIR, NOVA_CACHE_DIR and NOVA_SOCKET override each one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def state_dir() -> Path:
+    if env := os.environ.get("NOVA_STATE_DIR"):
+        return Path(env)
+    if _is_root():
+        return Path("/var/lib/nova")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "nova"
+
+
+def cache_dir() -> Path:
+    if env := os.environ.get("NOVA_CACHE_DIR"):
+        return Path(env)
+    if _is_root():
+        return state_dir() / "cache"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nova"
+
+
+def socket_path() -> Path:
+    if env := os.environ.get("NOVA_SOCKET"):
+        return Path(env)
+    if _is_root():
+        return Path("/run/nova/agent.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/nova-{os.getuid()}"
+    return Path(runtime) / "nova" / "agent.sock"
+
+
+def store_path() -> Path:
+    return state_dir() / "state.db"
+
+
+def containers_dir() -> Path:
+    return state_dir() / "containers"
