@@ -193,9 +193,9 @@ class ContainerManager:
         await self._save(record)
 
         async def observe_start() -> None:
-            await container.worker.started.wait()
-            if container.worker.entry_ns:
-                record.startup_us = (container.worker.entry_ns - request_ns) / 1000
+            entry_ns = await container.wait_started()
+            if entry_ns:
+                record.startup_us = (entry_ns - request_ns) / 1000
                 self.metrics.startup_duration.observe(record.startup_us)
 
         self._spawn(observe_start(), f"nova-started-{container_id}")

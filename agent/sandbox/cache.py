@@ -14,6 +14,7 @@ Hot entries stay in memory (a bounded LRU of verified modules).
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -180,7 +181,7 @@ class ModuleCache:
         try:
             meta = json.loads(meta_path.read_bytes())
             blob = artifact.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except (OSError, ValueError) as exc:
             self._discard(digest, f"unreadable entry ({exc})")
@@ -204,7 +205,8 @@ class ModuleCache:
         log.warning("module cache: discarding %s: %s; rebuilding", artifact, why)
         self._count("rebuilds")
         for path in (self._meta_path(artifact), artifact):
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
 
     def _compile(self, data: bytes, source: str, digest: str) -> CachedModule:
         if not data.startswith(WASM_MAGIC):

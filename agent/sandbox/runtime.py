@@ -52,6 +52,13 @@ class Container:
             self._status = asyncio.ensure_future(self._wait())
         return await asyncio.shield(self._status)
 
+    async def wait_started(self) -> int:
+        """CLOCK_MONOTONIC ns at which the guest's _start was entered."""
+        if self._status is None:
+            self._status = asyncio.ensure_future(self._wait())
+        await self.worker.started.wait()
+        return self.worker.entry_ns
+
     async def _wait(self) -> ExitStatus:
         timeout = self.spec.timeout_s
         result = asyncio.ensure_future(self.worker.result())

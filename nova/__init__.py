@@ -1,0 +1,1 @@
+"""Nova: run WebAssembly workloads across many Linux hosts."""
