@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -85,4 +87,7 @@ def no_leftover_processes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     deadline = time.monotonic() + 5
     while (left := marked_processes(mark)) and time.monotonic() < deadline:
         time.sleep(0.05)
+    for pid in left:  # report them, but never leave a spinning guest on the machine
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left behind: {sorted(left)}"

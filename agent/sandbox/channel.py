@@ -32,7 +32,10 @@ def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = N
 
 def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
     """The next message and any fds; (None, []) when the peer has closed."""
-    payload, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    try:
+        payload, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
+    except ConnectionResetError:  # the peer closed with our message unread: also the end
+        return None, []
     if not payload:
         for fd in fds:
             _close_quietly(fd)

@@ -29,8 +29,6 @@ async def recv_async(sock: socket.socket) -> tuple[dict[str, Any] | None, list[i
             return channel.recv(sock)
         except BlockingIOError:
             pass
-        except ConnectionResetError:
-            return None, []
         readable = loop.create_future()
         loop.add_reader(sock.fileno(), readable.set_result, None)
         try:
@@ -108,6 +106,8 @@ class WorkerHandle:
 
     def signal(self, sig: int) -> bool:
         """Signal the worker (0 probes it); False once it is gone."""
+        if self.pidfd < 0:
+            return False
         try:
             signal.pidfd_send_signal(self.pidfd, sig)
             return True
@@ -122,8 +122,17 @@ class WorkerHandle:
             self.sock.close()
 
     async def _reap(self) -> None:
+        """Return only once the worker process has exited (its pidfd is readable)."""
         if self._popen is not None:
             await asyncio.to_thread(self._popen.wait)
+        elif self.pidfd >= 0:
+            loop = asyncio.get_running_loop()
+            exited = loop.create_future()
+            loop.add_reader(self.pidfd, exited.set_result, None)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(self.pidfd)
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
             self.pidfd = -1

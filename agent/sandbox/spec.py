@@ -59,9 +59,24 @@ class RunSpec:
     http_host: str = "127.0.0.1"
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["env"] = [list(pair) for pair in self.env]
-        return data
+        # Field by field: dataclasses.asdict deep-copies and is slow on the start path.
+        return {
+            "id": self.id,
+            "name": self.name,
+            "digest": self.digest,
+            "artifact": self.artifact,
+            "module_path": self.module_path,
+            "argv": list(self.argv),
+            "env": [list(pair) for pair in self.env],
+            "dirs": [
+                {"host": d.host, "guest": d.guest, "read_only": d.read_only} for d in self.dirs
+            ],
+            "memory_bytes": self.memory_bytes,
+            "timeout_s": self.timeout_s,
+            "run_dir": self.run_dir,
+            "http_port": self.http_port,
+            "http_host": self.http_host,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunSpec:

@@ -56,18 +56,36 @@ def check_entry(module: wasmtime.Module, source: str) -> None:
         )
 
 
+def new_wasi_config() -> wasmtime.WasiConfig:
+    """A WASI context using the process's stdio, which a worker has made the container's.
+
+    The stdio handles resolve when the context is attached to a store, so a
+    worker builds this while idle and only adds the run's arguments later.
+    """
+    config = wasmtime.WasiConfig()
+    config.inherit_stdin()
+    config.inherit_stdout()
+    config.inherit_stderr()
+    return config
+
+
+def configure_run(
+    config: wasmtime.WasiConfig,
+    argv: Iterable[str],
+    env: Iterable[tuple[str, str]],
+    dirs: Iterable[tuple[str, str, bool]],
+) -> wasmtime.WasiConfig:
+    config.argv = list(argv)
+    config.env = [list(pair) for pair in env]
+    for host, guest, read_only in dirs:
+        config.preopen_dir(host, guest, fs_mutable=not read_only)
+    return config
+
+
 def build_wasi_config(
     argv: Iterable[str],
     env: Iterable[tuple[str, str]],
     dirs: Iterable[tuple[str, str, bool]],
 ) -> wasmtime.WasiConfig:
-    """A WASI context with the worker's own stdio (already the container's)."""
-    config = wasmtime.WasiConfig()
-    config.argv = list(argv)
-    config.env = [list(pair) for pair in env]
-    config.inherit_stdin()
-    config.inherit_stdout()
-    config.inherit_stderr()
-    for host, guest, read_only in dirs:
-        config.preopen_dir(host, guest, fs_mutable=not read_only)
-    return config
+    """A complete WASI context for one run, with the process's stdio."""
+    return configure_run(new_wasi_config(), argv, env, dirs)

@@ -82,24 +82,32 @@ async def test_args_env_and_stdout(runtime: SandboxRuntime, examples: Path, tmp_
     assert result.stdout == "hello from wasm, nova\narg[1]=one\narg[2]=two words\n"
 
 
-async def test_runs_in_its_own_process(runtime: SandboxRuntime, examples: Path, tmp_path: Path) -> None:
+async def test_runs_in_its_own_process(
+    runtime: SandboxRuntime, examples: Path, tmp_path: Path
+) -> None:
     result = await run(runtime, examples / "hello.wasm", tmp_path)
     assert result.container.pid != os.getpid()
     assert result.container.pid != runtime.zygote.pid  # type: ignore[union-attr]
     assert not process_alive(result.container.pid)  # one container per worker, then gone
 
 
-async def test_stdin_reaches_the_guest(runtime: SandboxRuntime, examples: Path, tmp_path: Path) -> None:
+async def test_stdin_reaches_the_guest(
+    runtime: SandboxRuntime, examples: Path, tmp_path: Path
+) -> None:
     result = await run(runtime, examples / "cat.wasm", tmp_path, stdin=b"piped in\n")
     assert result.stdout == "piped in\n"
 
 
-async def test_exit_code_passes_through(runtime: SandboxRuntime, examples: Path, tmp_path: Path) -> None:
+async def test_exit_code_passes_through(
+    runtime: SandboxRuntime, examples: Path, tmp_path: Path
+) -> None:
     result = await run(runtime, examples / "exit.wasm", tmp_path, "42")
     assert (result.status.reason, result.status.exit_code) == (ExitReason.EXITED, 42)
 
 
-async def test_trap_is_reported_as_trap(runtime: SandboxRuntime, examples: Path, tmp_path: Path) -> None:
+async def test_trap_is_reported_as_trap(
+    runtime: SandboxRuntime, examples: Path, tmp_path: Path
+) -> None:
     result = await run(runtime, examples / "trap.wasm", tmp_path)
     assert result.status.reason is ExitReason.TRAPPED
     assert result.status.exit_code == 134
@@ -118,11 +126,15 @@ async def test_preopened_dir_read_and_read_only(
     read = await run(runtime, examples / "cat.wasm", tmp_path, "/data/notes.txt", dirs=ro)
     assert read.stdout == "from the host\n"
 
-    denied = await run(runtime, examples / "cat.wasm", tmp_path, "--write", "/data/new.txt", "x", dirs=ro)
+    denied = await run(
+        runtime, examples / "cat.wasm", tmp_path, "--write", "/data/new.txt", "x", dirs=ro
+    )
     assert denied.status.exit_code == 1
     assert not (data / "new.txt").exists()
 
-    wrote = await run(runtime, examples / "cat.wasm", tmp_path, "--write", "/data/new.txt", "x", dirs=rw)
+    wrote = await run(
+        runtime, examples / "cat.wasm", tmp_path, "--write", "/data/new.txt", "x", dirs=rw
+    )
     assert wrote.status.exit_code == 0
     assert (data / "new.txt").read_text() == "x"
 
@@ -177,17 +189,22 @@ async def test_stop_ends_a_running_container(
     runtime: SandboxRuntime, examples: Path, tmp_path: Path
 ) -> None:
     module = await runtime.resolve(str(examples / "cpu-spin.wasm"))
-    spec = RunSpec(id="s", name="s", digest=module.digest, artifact=str(module.artifact), argv=("spin",))
+    spec = RunSpec(
+        id="s", name="s", digest=module.digest, artifact=str(module.artifact), argv=("spin",)
+    )
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         container = await runtime.launch(spec, (devnull, devnull, devnull))
     finally:
         os.close(devnull)
-    await asyncio.wait_for(container.wait_started(), 5)
-    assert process_alive(container.pid)
-    status = await container.stop(grace_s=1.0)
-    assert status.reason is ExitReason.STOPPED
-    assert not process_alive(container.pid)
+    try:
+        await asyncio.wait_for(container.wait_started(), 5)
+        assert process_alive(container.pid)
+        status = await container.stop(grace_s=1.0)
+        assert status.reason is ExitReason.STOPPED
+        assert not process_alive(container.pid)
+    finally:
+        container.worker.kill()  # a spinning guest must never outlive a failed test
 
 
 async def test_pool_refills_in_the_background(
@@ -198,7 +215,7 @@ async def test_pool_refills_in_the_background(
     result = await run(runtime, examples / "hello.wasm", tmp_path)
     assert result.container.pooled
     deadline = time.monotonic() + 5
-    while pool.idle < 2 and time.monotonic() < deadline:
+    while pool.idle < 2 and time.monotonic() < deadline:  # noqa: ASYNC110 (polling a counter)
         await asyncio.sleep(0.01)
     assert pool.idle == 2
     assert pool.stats.hits >= 1

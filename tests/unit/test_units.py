@@ -22,7 +22,9 @@ def test_bad_sizes_say_what_is_accepted(text: str) -> None:
         parse_size(text)
 
 
-@pytest.mark.parametrize(("text", "expected"), [("5s", 5.0), ("250ms", 0.25), ("2m", 120.0), ("3", 3.0)])
+@pytest.mark.parametrize(
+    ("text", "expected"), [("5s", 5.0), ("250ms", 0.25), ("2m", 120.0), ("3", 3.0)]
+)
 def test_durations(text: str, expected: float) -> None:
     assert parse_duration(text) == expected
 
