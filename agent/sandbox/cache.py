@@ -40,6 +40,9 @@ class CachedModule:
     digest: str  # "sha256:<hex>" of the .wasm bytes
     artifact: Path
     module: wasmtime.Module
+    # A start section runs guest code at instantiation; such modules are never
+    # instantiated ahead of a run (see worker.Standby).
+    has_start_section: bool = True
 
 
 @dataclass(slots=True)
@@ -198,7 +201,12 @@ class ModuleCache:
             # e.g. written by another wasmtime build: stale, not dangerous.
             self._discard(digest, f"wasmtime refused it ({exc})")
             return None
-        return CachedModule(digest=digest, artifact=artifact, module=module)
+        return CachedModule(
+            digest=digest,
+            artifact=artifact,
+            module=module,
+            has_start_section=bool(meta.get("has_start_section", True)),
+        )
 
     def _discard(self, digest: str, why: str) -> None:
         artifact = self.artifact_path(digest)
@@ -227,6 +235,7 @@ class ModuleCache:
             "wasmtime": engine_mod.wasmtime_version(),
             "fingerprint": engine_mod.engine_fingerprint(),
             "source": source,
+            "has_start_section": has_start_section(data),
         }
         try:
             artifact.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -238,7 +247,35 @@ class ModuleCache:
             raise errors.NovaError(
                 f"cannot write the compiled module to {artifact}: {exc.strerror}"
             ) from None
-        return CachedModule(digest=digest, artifact=artifact, module=module)
+        return CachedModule(
+            digest=digest,
+            artifact=artifact,
+            module=module,
+            has_start_section=bool(meta["has_start_section"]),
+        )
+
+
+def has_start_section(wasm: bytes) -> bool:
+    """Whether a (validated) module has a start section (section id 8)."""
+    pos = 8  # magic + version
+    while pos < len(wasm):
+        section_id = wasm[pos]
+        size, pos = _leb128(wasm, pos + 1)
+        if section_id == 8:
+            return True
+        pos += size
+    return False
+
+
+def _leb128(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
 
 
 def _read(path: str) -> bytes:

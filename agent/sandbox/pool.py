@@ -38,7 +38,7 @@ class WarmPool:
         self._idle: collections.deque[WorkerHandle] = collections.deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._hot: dict[str, str] = {}  # digest -> artifact, sent to every new worker's zygote
+        self._latest: str | None = None  # the module workers keep on standby
 
     @property
     def idle(self) -> int:
@@ -64,14 +64,18 @@ class WarmPool:
         self._wakeup.set()
         return await self._spawn()
 
-    async def preload(self, digest: str, artifact: str) -> None:
-        """Make a module hot: the zygote loads it for future workers, idle ones now."""
-        if self._hot.get(digest) == artifact:
+    async def preload(self, digest: str, artifact: str, *, standby: bool) -> None:
+        """Make a module hot: the zygote loads it for future workers, idle ones now.
+
+        With `standby`, workers also instantiate it ahead of their run, so the
+        most recently started module starts fastest.
+        """
+        if self._latest == digest:
             return
-        await self.zygote.preload(digest, artifact)
-        self._hot[digest] = artifact
+        await self.zygote.preload(digest, artifact, standby=standby)
+        self._latest = digest
         for worker in self._idle:
-            worker.preload(digest, artifact)
+            worker.preload(digest, artifact, standby=standby)
 
     async def close(self) -> None:
         if self._task is not None:

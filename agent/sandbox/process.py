@@ -61,9 +61,11 @@ class WorkerHandle:
         if not message or message.get("op") != "ready":
             raise errors.SandboxError(f"worker {self.pid} died while starting")
 
-    def preload(self, digest: str, artifact: str) -> None:
+    def preload(self, digest: str, artifact: str, *, standby: bool) -> None:
+        """Load a module and, if `standby`, instantiate it ahead of the run."""
+        message = {"op": "preload", "digest": digest, "artifact": artifact, "standby": standby}
         with contextlib.suppress(OSError):
-            channel.send(self.sock, {"op": "preload", "digest": digest, "artifact": artifact})
+            channel.send(self.sock, message)
 
     def run(self, spec: RunSpec, stdio: tuple[int, int, int]) -> None:
         self.spec = spec
@@ -196,10 +198,9 @@ class Zygote:
         await handle.wait_ready()
         return handle
 
-    async def preload(self, digest: str, artifact: str) -> None:
-        reply = await asyncio.to_thread(
-            self._request, {"op": "preload", "digest": digest, "artifact": artifact}
-        )
+    async def preload(self, digest: str, artifact: str, *, standby: bool) -> None:
+        message = {"op": "preload", "digest": digest, "artifact": artifact, "standby": standby}
+        reply = await asyncio.to_thread(self._request, message)
         if not reply.get("ok"):
             raise errors.SandboxError(f"the zygote could not load {artifact}: {reply.get('error')}")
 

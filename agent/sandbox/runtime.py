@@ -112,16 +112,18 @@ class SandboxRuntime:
     async def resolve(self, path: str) -> CachedModule:
         """Validate and compile (once) the module at `path`; make it hot in the pool."""
         module = self.cache.lookup(path)
-        if module is not None:
-            return module  # hot already
-        module = await asyncio.to_thread(self.cache.resolve, path)
+        if module is None:
+            module = await asyncio.to_thread(self.cache.resolve, path)
         await self.make_hot(module)
         return module
 
     async def make_hot(self, module: CachedModule) -> None:
+        """Have the pool load `module` (and keep it on standby) for the next starts."""
         if self.pool is not None:
             with contextlib.suppress(Exception):  # hotness is an optimisation only
-                await self.pool.preload(module.digest, str(module.artifact))
+                await self.pool.preload(
+                    module.digest, str(module.artifact), standby=not module.has_start_section
+                )
 
     async def launch(
         self, spec: RunSpec, stdio: tuple[int, int, int], *, request_ns: int | None = None

@@ -67,15 +67,28 @@ def _noop_start(_entry_ns: int) -> None:
     pass
 
 
-class FreshStore:
-    """A new Store and WASI context, made while the worker is idle.
+class Standby:
+    """What an idle worker builds ahead of its run: a Store, a WASI context,
+    and, for the module it expects, the instance itself.
 
-    Neither has seen a guest; the run only adds its limits and arguments.
+    Nothing here has run guest code: modules with a start section are never
+    instantiated ahead (see ModuleTable.expect), and the run attaches its own
+    WASI context (arguments, environment, directories) and limits before
+    `_start`. wasmtime looks the WASI context up at call time, so attaching it
+    after instantiation is sound.
     """
 
-    def __init__(self, engine: wasmtime.Engine) -> None:
-        self.store = wasmtime.Store(engine)
+    def __init__(self, table: ModuleTable, digest: str | None = None) -> None:
+        self.store = wasmtime.Store(table.engine)
+        self.store.set_epoch_deadline(NO_DEADLINE_TICKS)
         self.wasi = wasi.new_wasi_config()
+        self.digest = digest
+        self.instance: wasmtime.Instance | None = None
+        self.start: object = None
+        if digest is not None:
+            self.store.set_wasi(wasmtime.WasiConfig())  # a placeholder: no args, no stdio
+            self.instance = table.instance_pre(digest, "").instantiate(self.store)
+            self.start = export(self.store, self.instance, "_start")
 
 
 def export(store: wasmtime.Store, instance: wasmtime.Instance, name: str) -> object:
@@ -102,6 +115,16 @@ class ModuleTable:
         self.linker = wasmtime.Linker(engine)
         self.linker.define_wasi()
         self._pres: dict[str, wasmtime.InstancePre] = {}
+        self._expected: str | None = None
+
+    @property
+    def expected(self) -> str | None:
+        """The module idle workers instantiate ahead of their run, if any."""
+        return self._expected
+
+    def expect(self, digest: str | None) -> None:
+        """Instantiate `digest` ahead of runs; the caller vouches it has no start section."""
+        self._expected = digest if digest in self._pres else None
 
     def preload(self, digest: str, artifact: str) -> None:
         if digest not in self._pres:
@@ -218,13 +241,13 @@ def execute(
     *,
     on_watchdog: Callable[[], None] | None = None,
     on_start: Callable[[int], None] | None = None,
-    fresh: FreshStore | None = None,
+    standby: Standby | None = None,
 ) -> ExitStatus:
     """Run the container's `_start` in this process; never raises for guest faults."""
     try:
         prepare_sandbox(spec)
-        fresh = fresh or FreshStore(table.engine)
-        store = fresh.store
+        standby = standby or Standby(table)
+        store = standby.store
         if spec.memory_bytes is not None:
             store.set_limits(memory_size=spec.memory_bytes)
         if spec.timeout_s is not None:
@@ -232,9 +255,17 @@ def execute(
         else:
             store.set_epoch_deadline(NO_DEADLINE_TICKS)
         dirs = ((d.host, d.guest, d.read_only) for d in spec.dirs)
-        store.set_wasi(wasi.configure_run(fresh.wasi, spec.argv, spec.env, dirs))
-        instance = table.instance_pre(spec.digest, spec.artifact).instantiate(store)
-        start = export(store, instance, "_start")
+        store.set_wasi(wasi.configure_run(standby.wasi, spec.argv, spec.env, dirs))
+        if standby.digest == spec.digest and standby.instance is not None:
+            instance, start = standby.instance, standby.start
+            if spec.memory_bytes is not None and _memory_size(store, instance) > spec.memory_bytes:
+                return ExitStatus.for_reason(
+                    ExitReason.FAILED,
+                    "cannot start the module: its initial memory exceeds the memory limit",
+                )
+        else:
+            instance = table.instance_pre(spec.digest, spec.artifact).instantiate(store)
+            start = export(store, instance, "_start")
     except (wasmtime.WasmtimeError, wasmtime.Trap, OSError, KeyError) as exc:
         return ExitStatus.for_reason(
             ExitReason.FAILED, f"cannot start the module: {_first_line(exc)}"
@@ -321,7 +352,7 @@ def serve(sock: socket.socket, table: ModuleTable) -> None:
     ticker = EpochTicker(table.engine)
     table.warm()
     table.rehearse(ticker)
-    fresh = FreshStore(table.engine)
+    standby = Standby(table, table.expected)
     channel.send(sock, {"op": "ready", "pid": os.getpid()})
     while True:
         message, fds = channel.recv(sock)
@@ -331,6 +362,9 @@ def serve(sock: socket.socket, table: ModuleTable) -> None:
             try:
                 table.preload(message["digest"], message["artifact"])
                 table.warm(message["digest"])
+                if message.get("standby"):
+                    table.expect(message["digest"])
+                    standby = Standby(table, table.expected)
             except (wasmtime.WasmtimeError, wasmtime.Trap, OSError):
                 pass  # the run that needs it will report the failure
             continue
@@ -362,7 +396,7 @@ def serve(sock: socket.socket, table: ModuleTable) -> None:
         status = wagi.serve(spec, table)
     else:
         status = execute(
-            spec, table, ticker, on_watchdog=watchdog, on_start=announce_start, fresh=fresh
+            spec, table, ticker, on_watchdog=watchdog, on_start=announce_start, standby=standby
         )
     status.extra["received_ns"] = received_ns
     _report(sock, spec, status)

@@ -8,7 +8,8 @@ unsafe), and it exits when its parent closes the control channel.
 
 Requests on the control channel (one reply each):
     {"op": "spawn"} + 1 fd (the worker's end of its channel) -> {"pid": N}
-    {"op": "preload", "digest": D, "artifact": PATH}          -> {"ok": bool, "error": str}
+    {"op": "preload", "digest": D, "artifact": PATH, "standby": B}
+                                                         -> {"ok": bool, "error": str}
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main(control_fd: int) -> None:
         elif op == "preload":
             try:
                 table.preload(message["digest"], message["artifact"])
+                table.expect(message["digest"] if message.get("standby") else None)
                 channel.send(control, {"ok": True})
             except (wasmtime.WasmtimeError, OSError) as exc:
                 channel.send(control, {"ok": False, "error": str(exc).strip()[:500]})

@@ -235,3 +235,44 @@ async def test_cold_path_without_zygote(examples: Path, tmp_path: Path) -> None:
         await rt.close()
     assert result.stdout.startswith("hello from wasm, cold")
     assert not result.container.pooled
+
+
+START_SECTION_WAT = """
+(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "init\\n")
+  (data (i32.const 200) "main\\n")
+  (func $say (param $ptr i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (i32.const 5))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 20))))
+  (func $init (call $say (i32.const 100)))
+  (start $init)
+  (func (export "_start") (call $say (i32.const 200))))
+"""
+
+
+async def test_start_section_runs_inside_the_container_not_ahead(
+    runtime: SandboxRuntime, tmp_path: Path
+) -> None:
+    """Idle workers instantiate hot modules ahead of time, but never ones whose
+    start section would run guest code before the container exists."""
+    import wasmtime
+
+    app = tmp_path / "init.wasm"
+    app.write_bytes(wasmtime.wat2wasm(START_SECTION_WAT))
+    for _ in range(3):  # the first run makes it hot; later ones take fresh workers
+        result = await run(runtime, app, tmp_path)
+        assert result.stdout == "init\nmain\n"
+
+
+async def test_alternating_modules_each_get_their_own(
+    runtime: SandboxRuntime, examples: Path, tmp_path: Path
+) -> None:
+    """Workers keep the latest module on standby; another module still runs right."""
+    for _ in range(3):
+        hello = await run(runtime, examples / "hello.wasm", tmp_path, env=(("NAME", "a"),))
+        assert hello.stdout == "hello from wasm, a\n"
+        code = await run(runtime, examples / "exit.wasm", tmp_path, "9")
+        assert code.status.exit_code == 9
