@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 from agent.sandbox.process import WorkerHandle, Zygote
@@ -18,6 +19,9 @@ from agent.sandbox.process import WorkerHandle, Zygote
 log = logging.getLogger("nova.agent.sandbox.pool")
 
 REFILL_BACKOFF_S = (0.1, 0.5, 1.0, 5.0)
+# Forking a replacement competes for the CPUs with the start that claimed the
+# worker (two cores here): refill a moment later unless the pool ran dry.
+REFILL_DELAY_S = 0.005
 
 
 @dataclass(slots=True)
@@ -39,6 +43,7 @@ class WarmPool:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._latest: str | None = None  # the module workers keep on standby
+        self._refill_after = 0.0
 
     @property
     def idle(self) -> int:
@@ -55,6 +60,7 @@ class WarmPool:
     async def claim(self) -> WorkerHandle:
         while self._idle:
             worker = self._idle.popleft()
+            self._refill_after = time.monotonic() + (REFILL_DELAY_S if self._idle else 0.0)
             self._wakeup.set()
             if worker.signal(0):  # still alive (pidfd: no pid-reuse race)
                 self.stats.hits += 1
@@ -99,6 +105,10 @@ class WarmPool:
             if len(self._idle) >= self.size:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+                continue
+            delay = self._refill_after - time.monotonic()
+            if delay > 0 and self._idle:
+                await asyncio.sleep(delay)
                 continue
             try:
                 self._idle.append(await self._spawn())

@@ -51,6 +51,7 @@ class WorkerHandle:
         self.timed_out = False
         self.entry_ns = 0  # when the guest's _start was entered, once known
         self.started = asyncio.Event()
+        self._reaper: asyncio.Future[None] | None = None
 
     async def wait_ready(self) -> None:
         try:
@@ -75,7 +76,12 @@ class WorkerHandle:
             raise errors.SandboxError(f"worker {self.pid} is gone: {exc.strerror}") from None
 
     async def result(self) -> ExitStatus:
-        """The container's ExitStatus, however the worker ended."""
+        """The container's ExitStatus, however the worker ended.
+
+        A worker that reported its result is only exiting: the status is
+        returned at once and `exited()` tells when the process is gone.
+        Without a report (killed, crashed) it returns after the exit.
+        """
         try:
             while True:
                 message, _ = await recv_async(self.sock)
@@ -91,8 +97,18 @@ class WorkerHandle:
             status = self._status_without_report()
         self.entry_ns = self.entry_ns or status.entry_ns
         self.started.set()
-        await self._reap()
+        if message and message.get("op") == "result":
+            self._reaper = asyncio.ensure_future(self._reap())
+        else:
+            await self._reap()
         return status
+
+    async def exited(self) -> None:
+        """Return once the worker process is gone."""
+        if self._reaper is not None:
+            await asyncio.shield(self._reaper)
+        elif self.pidfd >= 0 or self._popen is not None:
+            await self._reap()
 
     def _status_without_report(self) -> ExitStatus:
         if self.spec is not None and self.spec.run_dir:

@@ -72,14 +72,16 @@ class Container:
         return await result
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> ExitStatus:
-        """SIGTERM, then SIGKILL after `grace_s`; returns the final status."""
+        """SIGTERM, then SIGKILL after `grace_s`; returns once the worker is gone."""
         self.worker.stop_requested = True
         self.worker.signal(signal.SIGTERM)
         try:
-            return await asyncio.wait_for(self.wait(), grace_s)
+            status = await asyncio.wait_for(self.wait(), grace_s)
         except TimeoutError:
             self.worker.kill()
-            return await self.wait()
+            status = await self.wait()
+        await self.worker.exited()
+        return status
 
 
 class SandboxRuntime:

@@ -88,6 +88,7 @@ async def test_runs_in_its_own_process(
     result = await run(runtime, examples / "hello.wasm", tmp_path)
     assert result.container.pid != os.getpid()
     assert result.container.pid != runtime.zygote.pid  # type: ignore[union-attr]
+    await result.container.worker.exited()
     assert not process_alive(result.container.pid)  # one container per worker, then gone
 
 
