@@ -62,8 +62,8 @@ class Container:
     async def _wait(self) -> ExitStatus:
         timeout = self.spec.timeout_s
         result = asyncio.ensure_future(self.worker.result())
-        if timeout is None:
-            return await result
+        if timeout is None or self.spec.http_port is not None:
+            return await result  # an HTTP container's timeout is per request
         done, _ = await asyncio.wait({result}, timeout=timeout + HARD_TIMEOUT_GRACE_S)
         if not done:
             # The worker's own watchdog did not end it; end it from outside.

@@ -393,7 +393,7 @@ def serve(sock: socket.socket, table: ModuleTable) -> None:
         from agent.sandbox import wagi  # only HTTP workers need aiohttp
 
         announce_start(time.monotonic_ns())
-        status = wagi.serve(spec, table)
+        status = wagi.serve(spec, table, on_watchdog=watchdog)
     else:
         status = execute(
             spec, table, ticker, on_watchdog=watchdog, on_start=announce_start, standby=standby

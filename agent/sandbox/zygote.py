@@ -22,6 +22,7 @@ import sys
 import wasmtime
 
 from agent.sandbox import channel, engine, worker
+from agent.sandbox import wagi as _wagi  # noqa: F401 (loaded once here, shared by HTTP workers)
 
 
 def _spawn(control: socket.socket, worker_sock_fd: int, table: worker.ModuleTable) -> int:
