@@ -1,13 +1,11 @@
-"""WAGI's pure halves: request -> CGI environment, CGI output -> HTTP response."""
+"""The CGI mapping: request -> CGI environment, CGI output -> HTTP response."""
 
 from __future__ import annotations
 
-import ctypes
-
 import pytest
 
-from agent.sandbox import wagi
-from agent.sandbox.wagi import (
+from agent.sandbox import cgi
+from agent.sandbox.cgi import (
     BadCgiOutput,
     BadRequest,
     CgiRequest,
@@ -77,7 +75,7 @@ def test_cgi_env_has_every_meta_variable() -> None:
     )
     assert env == {
         "GATEWAY_INTERFACE": "CGI/1.1",
-        "SERVER_SOFTWARE": wagi.SERVER_SOFTWARE,
+        "SERVER_SOFTWARE": cgi.SERVER_SOFTWARE,
         "SERVER_PROTOCOL": "HTTP/1.1",
         "SERVER_NAME": "app.example",
         "SERVER_PORT": "8080",
@@ -256,7 +254,7 @@ def test_parse_rejects_what_is_not_cgi(output: bytes, why: str) -> None:
 
 
 def test_parse_limits_the_header_section() -> None:
-    huge = b"X-Big: " + b"a" * wagi.MAX_HEADER_BYTES + b"\n\nbody"
+    huge = b"X-Big: " + b"a" * cgi.MAX_HEADER_BYTES + b"\n\nbody"
     with pytest.raises(BadCgiOutput, match="first 64 KiB"):
         parse_cgi_response(huge)
 
@@ -289,28 +287,3 @@ def test_http_response_trap_is_500_and_timeout_504() -> None:
     timed_out = http_response(GuestResult(GuestOutcome.TIMED_OUT), 0.25)
     assert timed_out.status == 504
     assert timed_out.body == b"504 Gateway Timeout: the handler ran past its timeout of 0.25s\n"
-
-
-# -- the C string tables handed to wasmtime ---------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "env",
-    [
-        {"A": "1", "EMPTY": "", "PATH_INFO": "/x"},
-        {"HTTP_X_NAME": "café ☕", "B": "", "ÜNICODE": "v"},  # multi-byte: per-part encoding
-        {"BAD": "\udcff"},  # a lone surrogate (undecodable header bytes): replaced, not fatal
-        {},
-    ],
-)
-def test_c_strings_point_at_each_name_and_value(env: dict[str, str]) -> None:
-    strings = wagi._CStrings(env)
-    assert strings.count == len(env)
-
-    def table(address: int) -> list[bytes]:  # char*[count] at `address`
-        pointers = (ctypes.c_char_p * len(env)).from_address(address)
-        return [pointer or b"" for pointer in pointers]
-
-    names, values = table(strings.names), table(strings.values)
-    assert names == [name.encode("utf-8", "replace") for name in env]
-    assert values == [value.encode("utf-8", "replace") for value in env.values()]
