@@ -16,6 +16,7 @@ Errors are JSON: {"error": "<one line for users>", "kind": "<class>", "exit_code
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,6 +46,9 @@ _CREATE_FIELDS = {
     "http_port",
     "http_host",
 }
+
+# Names travel in API paths and appear in `nova ps`: keep them to a safe alphabet.
+_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -84,28 +88,77 @@ def parse_create(body: Any) -> RunSpec:
     module = body.get("module")
     if not isinstance(module, str) or not module:
         raise errors.UsageError("field 'module' (path of a .wasm file) is required")
-    env = body.get("env", {})
-    env_pairs = tuple(env.items()) if isinstance(env, dict) else tuple(tuple(p) for p in env)
-    memory = body.get("memory")
-    timeout = body.get("timeout")
-    http_port = body.get("http_port")
-    if http_port is not None and not (isinstance(http_port, int) and 0 < http_port < 65536):
-        raise errors.UsageError(f"invalid http_port {http_port!r}: expected 1-65535")
+    name = body.get("name") or ""
+    if not isinstance(name, str) or (name and not _NAME.fullmatch(name)):
+        raise errors.UsageError(
+            f"invalid name {name!r}: use up to 128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
     argv = body.get("argv") or [os.path.basename(module)]
+    if not _is_str_list(argv):
+        raise errors.UsageError("field 'argv' must be a list of strings")
+    env = body.get("env", {})
+    env_pairs = list(env.items()) if isinstance(env, dict) else env
+    if not isinstance(env_pairs, list) or not all(
+        isinstance(p, list | tuple) and len(p) == 2 and _is_str_list(list(p)) for p in env_pairs
+    ):
+        raise errors.UsageError(
+            "field 'env' must map names to string values, or be a list of [name, value]"
+        )
+    for env_name, _ in env_pairs:
+        if not env_name or "=" in env_name or "\0" in env_name:
+            raise errors.UsageError(f"invalid environment variable name {env_name!r}")
+    dirs = body.get("dirs", [])
+    if not _is_str_list(dirs):
+        raise errors.UsageError("field 'dirs' must be a list of HOST[:GUEST][:ro] strings")
+    http_port = body.get("http_port")
+    if http_port is not None and not (_is_number(http_port, int) and 0 < http_port < 65536):
+        raise errors.UsageError(f"invalid http_port {http_port!r}: expected 1-65535")
+    http_host = body.get("http_host") or "127.0.0.1"
+    if not isinstance(http_host, str):
+        raise errors.UsageError(f"invalid http_host {http_host!r}: expected an address")
     return RunSpec(
         id="",
-        name=str(body.get("name") or ""),
+        name=name,
         digest="",
         artifact="",
         module_path=os.path.abspath(module),
-        argv=tuple(str(a) for a in argv),
-        env=tuple((str(k), str(v)) for k, v in env_pairs),
-        dirs=tuple(DirMount.parse(d) for d in body.get("dirs", [])),
-        memory_bytes=parse_size(memory, what="memory") if isinstance(memory, str) else memory,
-        timeout_s=parse_duration(timeout, what="timeout") if isinstance(timeout, str) else timeout,
+        argv=tuple(argv),
+        env=tuple((k, v) for k, v in env_pairs),
+        dirs=tuple(DirMount.parse(d) for d in dirs),
+        memory_bytes=_size_field(body.get("memory")),
+        timeout_s=_duration_field(body.get("timeout")),
         http_port=http_port,
-        http_host=str(body.get("http_host") or "127.0.0.1"),
+        http_host=http_host,
     )
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_number(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _size_field(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_size(value, what="memory")
+    if not _is_number(value, int) or value < 1:
+        raise errors.UsageError(f"invalid memory {value!r}: expected bytes (>= 1) or e.g. '64Mi'")
+    return int(value)
+
+
+def _duration_field(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_duration(value, what="timeout")
+    if not _is_number(value, (int, float)) or not 0 < value < float("inf"):
+        raise errors.UsageError(f"invalid timeout {value!r}: expected seconds (> 0) or e.g. '5s'")
+    return float(value)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -141,7 +194,10 @@ async def get_container(request: web.Request) -> web.Response:
 
 
 async def stop_container(request: web.Request) -> web.Response:
-    grace = float(request.query.get("grace", "2"))
+    try:
+        grace = float(request.query.get("grace", "2"))
+    except ValueError:
+        raise errors.UsageError("invalid grace: expected seconds, e.g. 2.5") from None
     record = await request.app[MANAGER].stop(request.match_info["ref"], grace_s=grace)
     return web.json_response(record.summary())
 

@@ -127,6 +127,7 @@ class ContainerManager:
         self._running: dict[str, Supervised] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._exited: dict[str, asyncio.Event] = {}
+        self._starting: dict[str, int | None] = {}  # name -> http port, while create() runs
 
     # -- queries ------------------------------------------------------------
 
@@ -135,10 +136,14 @@ class ContainerManager:
         return [r for r in records if include_exited or r.state == RUNNING]
 
     def get(self, ref: str) -> ContainerRecord:
-        """By name, id, or unique id prefix."""
-        for record in self._records.values():
-            if ref in (record.name, record.id):
-                return record
+        """By name, id, or unique id prefix.
+
+        A name may be reused once its container exited: the running one (or
+        else the newest) is the one meant.
+        """
+        named = [r for r in self._records.values() if ref in (r.name, r.id)]
+        if named:
+            return max(named, key=lambda r: (r.state == RUNNING, r.created_at))
         matches = [r for r in self._records.values() if r.id.startswith(ref)]
         if len(matches) == 1:
             return matches[0]
@@ -158,6 +163,14 @@ class ContainerManager:
         request_ns = request_ns or time.monotonic_ns()
         name = spec.name or _default_name(spec.module_path)
         self._claim_name(name, spec.http_port)
+        self._starting[name] = spec.http_port  # held across the awaits below
+        try:
+            return await self._start(replace(spec, name=name), request_ns)
+        finally:
+            del self._starting[name]
+
+    async def _start(self, spec: RunSpec, request_ns: int) -> ContainerRecord:
+        name = spec.name
         try:
             module = await self.runtime.resolve(spec.module_path)
         except errors.NovaError as exc:
@@ -197,6 +210,8 @@ class ContainerManager:
             if entry_ns:
                 record.startup_us = (entry_ns - request_ns) / 1000
                 self.metrics.startup_duration.observe(record.startup_us)
+                if record.state == RUNNING:  # an exited record was saved with it already
+                    await self._save(record)
 
         self._spawn(observe_start(), f"nova-started-{container_id}")
         return record
@@ -305,6 +320,10 @@ class ContainerManager:
     # -- internals ----------------------------------------------------------
 
     def _claim_name(self, name: str, http_port: int | None) -> None:
+        if name in self._starting:
+            raise Conflict(f"a container named {name!r} is already running")
+        if http_port and http_port in self._starting.values():
+            raise Conflict(f"port {http_port} is already served by a starting container")
         for record in list(self._records.values()):
             if record.state == RUNNING and record.name == name:
                 raise Conflict(f"a container named {name!r} is already running")

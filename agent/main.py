@@ -122,10 +122,13 @@ class Agent:
         self.cache_dir: Path = args.cache_dir or paths.cache_dir()
         self._lock_file: int | None = None
         self._runners: list[web.AppRunner] = []
+        self._socket_bound = False
 
     async def run(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._take_lock()
+        if _socket_answers(self.socket_path):  # fail before starting anything
+            raise errors.NovaError(f"{self.socket_path} is in use by a running agent")
         store = open_store(str(self.state_dir / "state.db"))
         await store.open()
         runtime = SandboxRuntime(str(self.cache_dir), pool_size=self.args.pool_size)
@@ -161,8 +164,9 @@ class Agent:
         finally:
             for runner in self._runners:
                 await runner.cleanup()
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()
+            if self._socket_bound:  # only our own socket: never another agent's
+                with contextlib.suppress(FileNotFoundError):
+                    self.socket_path.unlink()
             await manager.close()
             await runtime.close()
             await store.close()
@@ -188,18 +192,33 @@ class Agent:
             path.unlink()  # left behind by an agent that died
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.UnixSite(runner, str(path)).start()
-        os.chmod(path, 0o660)
         self._runners.append(runner)
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        except OSError as exc:
+            raise errors.NovaError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        self._socket_bound = True
+        os.chmod(path, 0o660)
 
     async def _serve_tcp(self, app: web.Application, address: str) -> None:
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise errors.UsageError(f"invalid --metrics-address {address!r}: expected HOST:PORT")
+        host, port = parse_address(address)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, host, int(port)).start()
         self._runners.append(runner)
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise errors.NovaError(
+                f"cannot serve /metrics on {address}: {exc.strerror or exc}"
+            ) from None
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`127.0.0.1:9464` -> ("127.0.0.1", 9464); UsageError when malformed."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise errors.UsageError(f"invalid --metrics-address {address!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
 
 
 def _socket_answers(path: Path) -> bool:
@@ -230,10 +249,15 @@ def main(argv: list[str] | None = None) -> int:
         print("nova-agent: --pool-size must be 0 or more", file=sys.stderr)
         return errors.EXIT_USAGE
     try:
+        if args.metrics_address:
+            parse_address(args.metrics_address)  # a typo fails before anything starts
         uvloop.run(Agent(args).run())
     except errors.NovaError as exc:
         print(f"nova-agent: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # e.g. a state directory it may not create or write
+        print(f"nova-agent: cannot start: {exc}", file=sys.stderr)
+        return errors.EXIT_NOVA
     return 0
 
 

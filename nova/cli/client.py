@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -58,7 +59,7 @@ class AgentClient:
     async def _json(self, method: str, path: str, **kw: Any) -> Any:
         try:
             async with self.session.request(method, path, **kw) as response:
-                data = await response.json(content_type=None)
+                data = await _body(response)
                 if response.status >= 400:
                     raise _error_from(data)
                 return data
@@ -77,32 +78,46 @@ class AgentClient:
         return result
 
     async def get(self, ref: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._json("GET", f"/v1/containers/{ref}")
+        result: dict[str, Any] = await self._json("GET", _container(ref))
         return result
 
     async def stop(self, ref: str, grace_s: float) -> dict[str, Any]:
         result: dict[str, Any] = await self._json(
-            "POST", f"/v1/containers/{ref}/stop", params={"grace": str(grace_s)}
+            "POST", _container(ref, "stop"), params={"grace": str(grace_s)}
         )
         return result
 
     async def wait(self, ref: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._json("GET", f"/v1/containers/{ref}/wait")
+        result: dict[str, Any] = await self._json("GET", _container(ref, "wait"))
         return result
 
     async def remove(self, ref: str) -> None:
-        await self._json("DELETE", f"/v1/containers/{ref}")
+        await self._json("DELETE", _container(ref))
 
     async def logs(self, ref: str, stream: str, *, follow: bool) -> AsyncIterator[bytes]:
         params = {"stream": stream, "follow": "1" if follow else "0"}
         try:
-            async with self.session.get(f"/v1/containers/{ref}/logs", params=params) as response:
+            async with self.session.get(_container(ref, "logs"), params=params) as response:
                 if response.status >= 400:
-                    raise _error_from(await response.json(content_type=None))
+                    raise _error_from(await _body(response))
                 async for chunk in response.content.iter_any():
                     yield chunk
         except aiohttp.ClientConnectionError as exc:
             raise errors.AgentUnavailable(f"lost the agent at {self.socket_path}: {exc}") from None
+
+
+def _container(ref: str, action: str = "") -> str:
+    """The API path of a container; `ref` is quoted, whatever the user typed."""
+    path = f"/v1/containers/{urllib.parse.quote(ref, safe='')}"
+    return f"{path}/{action}" if action else path
+
+
+async def _body(response: aiohttp.ClientResponse) -> Any:
+    """The JSON body; for anything else (a proxy, a crash page) an error dict."""
+    try:
+        return await response.json(content_type=None)
+    except ValueError:
+        return {"error": f"the agent answered {response.status} {response.reason}"}
 
 
 def _error_from(data: Any) -> errors.NovaError:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,11 @@ async def _run_via_agent(socket_path: Path, body: dict[str, Any], *, detach: boo
         if detach:
             print(name)
             return 0
+        # Attached, the container lives as long as this command: SIGTERM (from
+        # `timeout`, a supervisor) stops it as Ctrl-C does, instead of orphaning it.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             await asyncio.gather(
                 _copy(client.logs(name, "stdout", follow=True), sys.stdout.buffer),
@@ -94,6 +100,7 @@ async def _run_via_agent(socket_path: Path, body: dict[str, Any], *, detach: boo
             )
             final = await client.wait(name)
         except asyncio.CancelledError:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)  # a second one ends us
             final = await client.stop(name, 2.0)
         return _report_exit(name, final)
 

@@ -28,6 +28,13 @@ commands:
 
 Run `nova COMMAND --help` for a command's options.
 
+examples:
+  nova run hello.wasm --env NAME=nova -- arg1 arg2
+  nova run --detach --name spin cpu-spin.wasm
+  nova ps -a
+  nova logs -f spin
+  nova stop spin && nova rm spin
+
 exit status (nova run): the container's own exit code when it exits; 2 usage
 error; 124 timeout; 125 Nova failed; 126 module cannot run (not wasm, invalid,
 imports Nova lacks); 127 module not found; 134 trap; 137 killed; 143 stopped.
@@ -90,7 +97,10 @@ def build_parser() -> NovaArgumentParser:
     )
     run.add_argument("module", metavar="MODULE", help="path of a .wasm file")
     run.add_argument("args", metavar="ARGS", nargs="*", help="arguments for the module (after --)")
-    run.add_argument("--name", help="container name (default: module name + random suffix)")
+    run.add_argument(
+        "--name",
+        help="container name: letters, digits, '.', '_', '-' (default: module name + suffix)",
+    )
     run.add_argument(
         "-e",
         "--env",
