@@ -15,6 +15,7 @@ Errors are JSON: {"error": "<one line for users>", "kind": "<class>", "exit_code
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -30,6 +31,8 @@ from agent.sandbox.spec import DirMount, RunSpec
 from nova import errors
 from nova.store import StoreError
 from nova.units import parse_duration, parse_size
+
+log = logging.getLogger("nova.agent.api")
 
 MANAGER = web.AppKey("manager", ContainerManager)
 METRICS = web.AppKey("metrics", AgentMetrics)
@@ -76,6 +79,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _error(503, exc)
     except errors.NovaError as exc:
         return _error(500, exc)
+    except web.HTTPException:
+        raise  # aiohttp's own answers (unknown route, wrong method)
+    except Exception as exc:  # a bug: log it whole, answer in the API's format
+        log.exception("internal error serving %s %s", request.method, request.path)
+        return _error(500, errors.NovaError(f"internal error in the agent: {exc!r}; see its log"))
 
 
 def parse_create(body: Any) -> RunSpec:

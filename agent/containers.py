@@ -195,6 +195,10 @@ class ContainerManager:
             container = await self.runtime.launch(
                 spec, (stdin, stdout, stderr), request_ns=request_ns
             )
+        except errors.NovaError as exc:
+            self.metrics.start_failures.labels(type(exc).__name__).inc()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         finally:
             for fd in (stdin, stdout, stderr):
                 os.close(fd)
