@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -29,6 +28,7 @@ from typing import Any, Protocol
 
 from agent.metrics import AgentMetrics
 from agent.records import EXITED, RUNNING, ContainerRecord, pid_start_ticks
+from agent.sandbox.process import pidfd_signal, read_result
 from agent.sandbox.runtime import STOP_GRACE_S, SandboxRuntime
 from agent.sandbox.spec import ExitReason, ExitStatus, RunSpec
 from nova import errors
@@ -74,13 +74,7 @@ class AdoptedProcess:
         self._exited.set()
 
     def signal(self, sig: int) -> bool:
-        if self.pidfd < 0:
-            return False
-        try:
-            signal.pidfd_send_signal(self.pidfd, sig)
-            return True
-        except ProcessLookupError:
-            return False
+        return pidfd_signal(self.pidfd, sig)
 
     async def wait(self) -> ExitStatus:
         await self._exited.wait()
@@ -99,13 +93,6 @@ class AdoptedProcess:
         except TimeoutError:
             self.signal(signal.SIGKILL)
             return await self.wait()
-
-
-def read_result(run_dir: Path) -> ExitStatus | None:
-    try:
-        return ExitStatus.from_json(json.loads((run_dir / "result.json").read_text()))
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 class ContainerManager:

@@ -127,7 +127,7 @@ class Agent:
     async def run(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._take_lock()
-        if _socket_answers(self.socket_path):  # fail before starting anything
+        if paths.socket_answers(self.socket_path):  # fail before starting anything
             raise errors.NovaError(f"{self.socket_path} is in use by a running agent")
         store = open_store(str(self.state_dir / "state.db"))
         await store.open()
@@ -187,7 +187,7 @@ class Agent:
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         if path.exists():
-            if _socket_answers(path):
+            if paths.socket_answers(path):
                 raise errors.NovaError(f"{path} is in use by a running agent")
             path.unlink()  # left behind by an agent that died
         runner = web.AppRunner(app, access_log=None)
@@ -219,16 +219,6 @@ def parse_address(address: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise errors.UsageError(f"invalid --metrics-address {address!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
-
-
-def _socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-            return True
-        except OSError:
-            return False
 
 
 def main(argv: list[str] | None = None) -> int:

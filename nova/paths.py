@@ -11,6 +11,7 @@ NOVA_STATE_DIR, NOVA_CACHE_DIR and NOVA_SOCKET override each one.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 
@@ -51,3 +52,16 @@ def store_path() -> Path:
 
 def containers_dir() -> Path:
     return state_dir() / "containers"
+
+
+def socket_answers(path: Path) -> bool:
+    """True when something accepts connections on the unix socket at `path`."""
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False

@@ -21,7 +21,7 @@ PACKAGES=(
     wrk                                                 # bench/: HTTP load generator
     python3-venv python3-bpfcc bpfcc-tools              # .venv; eBPF policy backend (bcc)
     linux-headers-amd64                                 # kernel headers for bcc
-    nftables iptables iproute2                          # nftables backend; netns, veth, tc
+    nftables iptables iproute2 iputils-ping             # nftables backend; netns, veth, tc; probes
     build-essential git ca-certificates
 )
 

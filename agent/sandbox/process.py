@@ -37,6 +37,25 @@ async def recv_async(sock: socket.socket) -> tuple[dict[str, Any] | None, list[i
             loop.remove_reader(sock.fileno())
 
 
+def pidfd_signal(pidfd: int, sig: int) -> bool:
+    """Signal a process through its pidfd (0 probes it); False once it is gone."""
+    if pidfd < 0:
+        return False
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def read_result(run_dir: Path) -> ExitStatus | None:
+    """The status a worker wrote to `<run_dir>/result.json` before exiting, if any."""
+    try:
+        return ExitStatus.from_json(json.loads((run_dir / "result.json").read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 class WorkerHandle:
     """One worker process: waits ready, runs one spec, reports one ExitStatus."""
 
@@ -112,9 +131,9 @@ class WorkerHandle:
 
     def _status_without_report(self) -> ExitStatus:
         if self.spec is not None and self.spec.run_dir:
-            path = Path(self.spec.run_dir) / "result.json"
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                return ExitStatus.from_json(json.loads(path.read_text()))
+            reported = read_result(Path(self.spec.run_dir))
+            if reported is not None:
+                return reported
         if self.timed_out:
             timeout = self.spec.timeout_s if self.spec else None
             return ExitStatus.for_reason(ExitReason.TIMEOUT, f"ran past its timeout of {timeout}s")
@@ -124,13 +143,7 @@ class WorkerHandle:
 
     def signal(self, sig: int) -> bool:
         """Signal the worker (0 probes it); False once it is gone."""
-        if self.pidfd < 0:
-            return False
-        try:
-            signal.pidfd_send_signal(self.pidfd, sig)
-            return True
-        except ProcessLookupError:
-            return False
+        return pidfd_signal(self.pidfd, sig)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)

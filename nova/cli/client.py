@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,23 +10,15 @@ from typing import Any, Self
 
 import aiohttp
 
-from nova import errors
+from nova import errors, paths
 
 # Creating or waiting on a container may take long (a first compile, a long run).
 _TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5)
 
 
 def agent_listening(path: Path) -> bool:
-    """True when something accepts connections on the socket (cheap, synchronous)."""
-    if not path.exists():
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(path))
-            return True
-        except OSError:
-            return False
+    """True when an agent accepts connections on the socket (cheap, synchronous)."""
+    return paths.socket_answers(path)
 
 
 class AgentClient:
