@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         "bench.http",
         "HTTP serving of a wasm container (WAGI): throughput and latency against its peers",
     ),
+    "placement": Benchmark("bench.placement", "pure placement engine: 1M containers, 10k nodes"),
 }
 
 
