@@ -60,7 +60,9 @@ def open_store(location: str | os.PathLike[str]) -> Store:
     url = urllib.parse.urlsplit(location)
     scheme = url.scheme.lower()
     if scheme in _CONSUL_SCHEMES:
-        raise NotImplementedError("the Consul backend arrives with the cluster work")
+        from nova.store.consul import ConsulStore  # imports aiohttp: only when asked for
+
+        return ConsulStore(location)
     if scheme != "sqlite":
         raise ValueError(
             f"store location {location!r}: unknown scheme {url.scheme!r}; use a file path, "
