@@ -26,8 +26,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.containers import Conflict, ContainerManager, NotFound
+from agent.isolation.cgroups import parse_millicores
 from agent.metrics import AgentMetrics
-from agent.sandbox.spec import DirMount, RunSpec
+from agent.sandbox.spec import DirMount, Isolation, RunSpec
 from nova import errors
 from nova.store import StoreError
 from nova.units import parse_duration, parse_size
@@ -48,6 +49,9 @@ _CREATE_FIELDS = {
     "timeout",
     "http_port",
     "http_host",
+    "cpu",
+    "pids",
+    "isolation",
 }
 
 # Names travel in API paths and appear in `nova ps`: keep them to a safe alphabet.
@@ -125,6 +129,21 @@ def parse_create(body: Any) -> RunSpec:
     http_host = body.get("http_host") or "127.0.0.1"
     if not isinstance(http_host, str):
         raise errors.UsageError(f"invalid http_host {http_host!r}: expected an address")
+    cpu = _cpu_field(body.get("cpu"))
+    pids = body.get("pids")
+    if pids is not None and not (_is_number(pids, int) and pids >= 1):
+        raise errors.UsageError(f"invalid pids {pids!r}: expected a whole number of at least 1")
+    isolation_text = body.get("isolation")
+    if isolation_text is None:
+        isolation_text = Isolation.AUTO.value
+    if not isinstance(isolation_text, str):
+        raise errors.UsageError(f"invalid isolation {isolation_text!r}: expected auto or none")
+    isolation = Isolation.parse(isolation_text)
+    if isolation is Isolation.NONE and (cpu is not None or pids is not None):
+        raise errors.UsageError(
+            "cpu and pids limits need a cgroup, and isolation 'none' has none: "
+            "drop one or the other"
+        )
     return RunSpec(
         id="",
         name=name,
@@ -138,6 +157,9 @@ def parse_create(body: Any) -> RunSpec:
         timeout_s=_duration_field(body.get("timeout")),
         http_port=http_port,
         http_host=http_host,
+        cpu_millicores=cpu,
+        pids_max=pids,
+        isolation=isolation,
     )
 
 
@@ -157,6 +179,19 @@ def _size_field(value: Any) -> int | None:
     if not _is_number(value, int) or value < 1:
         raise errors.UsageError(f"invalid memory {value!r}: expected bytes (>= 1) or e.g. '64Mi'")
     return int(value)
+
+
+def _cpu_field(value: Any) -> int | None:
+    """CPU as Kubernetes writes it: '500m' or '0.5' (a string), or a number of cores."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_millicores(value)
+    if not _is_number(value, (int, float)) or not 0.001 <= value < 1e6:
+        raise errors.UsageError(
+            f"invalid cpu {value!r}: expected cores (at least 0.001) or e.g. '500m'"
+        )
+    return round(float(value) * 1000)
 
 
 def _duration_field(value: Any) -> float | None:

@@ -9,6 +9,12 @@ Agent restarts never kill containers: workers live in their own sessions and
 report through result.json when the agent is away. On start the agent
 re-adopts every recorded container whose process still runs (same pid, same
 start time) and settles the rest from their result files.
+
+With cgroups, a container's cgroup lives exactly as long as its worker: the
+runtime labels it at the start, and whoever watches the worker's end (the
+runtime's Container, or AdoptedProcess after a restart) reads its usage and
+removes it. On start, cgroups under Nova's root that no live record claims
+are orphans of a crash and are destroyed (`recover`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any, Protocol
 
 from agent.metrics import AgentMetrics
 from agent.records import EXITED, RUNNING, ContainerRecord, pid_start_ticks
+from agent.sandbox.cgroups import SandboxCgroups
 from agent.sandbox.process import pidfd_signal, read_result
 from agent.sandbox.runtime import STOP_GRACE_S, SandboxRuntime
 from agent.sandbox.spec import ExitReason, ExitStatus, RunSpec
@@ -57,14 +64,21 @@ class Supervised(Protocol):
 
 
 class AdoptedProcess:
-    """A container started by an earlier agent: watched through a pidfd."""
+    """A container started by an earlier agent: watched through a pidfd.
 
-    def __init__(self, record: ContainerRecord, run_dir: Path) -> None:
+    With `cgroups`, its cgroup is settled (usage read, removed) when it ends.
+    """
+
+    def __init__(
+        self, record: ContainerRecord, run_dir: Path, cgroups: SandboxCgroups | None = None
+    ) -> None:
         self.record = record
         self.run_dir = run_dir
+        self.cgroups = cgroups
         self.pidfd = os.pidfd_open(record.pid)
         self.stop_requested = False
         self._exited = asyncio.Event()
+        self._status: asyncio.Future[ExitStatus] | None = None
         asyncio.get_running_loop().add_reader(self.pidfd, self._on_exit)
 
     def _on_exit(self) -> None:
@@ -77,13 +91,20 @@ class AdoptedProcess:
         return pidfd_signal(self.pidfd, sig)
 
     async def wait(self) -> ExitStatus:
+        if self._status is None:
+            self._status = asyncio.ensure_future(self._wait())
+        return await asyncio.shield(self._status)
+
+    async def _wait(self) -> ExitStatus:
         await self._exited.wait()
         status = read_result(self.run_dir)
-        if status is not None:
-            return status
-        if self.stop_requested:
-            return ExitStatus.for_reason(ExitReason.STOPPED, "stopped on request")
-        return ExitStatus.for_reason(ExitReason.KILLED, "the worker process died")
+        if status is None and self.stop_requested:
+            status = ExitStatus.for_reason(ExitReason.STOPPED, "stopped on request")
+        elif status is None:
+            status = ExitStatus.for_reason(ExitReason.KILLED, "the worker process died")
+        if self.cgroups is not None:
+            status = await asyncio.to_thread(self.cgroups.settle, self.record.spec, status)
+        return status
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> ExitStatus:
         self.stop_requested = True
@@ -108,6 +129,7 @@ class ContainerManager:
         self.node = node
         self.store = store
         self.runtime = runtime
+        self.cgroups = runtime.cgroups
         self.containers_dir = containers_dir
         self.metrics = metrics
         self._records: dict[str, ContainerRecord] = {}
@@ -160,12 +182,19 @@ class ContainerManager:
         name = spec.name
         try:
             module = await self.runtime.resolve(spec.module_path)
+            worker = await self.runtime.claim()  # its sandbox id is the container's id
         except errors.NovaError as exc:
             self.metrics.start_failures.labels(type(exc).__name__).inc()
             raise
-        container_id = secrets.token_hex(6)
+        container_id = worker.sandbox_id
         run_dir = self.containers_dir / container_id
-        run_dir.mkdir(parents=True, mode=0o700)
+        try:
+            run_dir.mkdir(parents=True, mode=0o700)
+            stdio = _open_stdio(run_dir)
+        except OSError:
+            await self.runtime.release(worker)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         spec = replace(
             spec,
             id=container_id,
@@ -174,21 +203,16 @@ class ContainerManager:
             artifact=str(module.artifact),
             run_dir=str(run_dir),
         )
-        record = ContainerRecord(id=container_id, name=name, node=self.node, spec=spec)
-        stdin = os.open(os.devnull, os.O_RDONLY)
-        stdout = os.open(run_dir / "stdout.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        stderr = os.open(run_dir / "stderr.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            container = await self.runtime.launch(
-                spec, (stdin, stdout, stderr), request_ns=request_ns
-            )
+            container = await self.runtime.launch(spec, stdio, request_ns=request_ns, worker=worker)
         except errors.NovaError as exc:
             self.metrics.start_failures.labels(type(exc).__name__).inc()
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
         finally:
-            for fd in (stdin, stdout, stderr):
+            for fd in stdio:
                 os.close(fd)
+        record = ContainerRecord(id=container_id, name=name, node=self.node, spec=container.spec)
         record.pid = container.pid
         record.pid_start_ticks = pid_start_ticks(container.pid)
         self.metrics.container_starts.labels(str(container.pooled).lower()).inc()
@@ -232,7 +256,12 @@ class ContainerManager:
         shutil.rmtree(self.run_dir(record), ignore_errors=True)
 
     async def recover(self) -> None:
-        """Adopt containers an earlier agent started; settle those that ended."""
+        """Adopt containers an earlier agent started; settle those that ended;
+        remove the cgroups no live record claims (orphans of a crash)."""
+        # Listed before the records are read: a cgroup made after this (by a
+        # daemonless run that recorded itself first) is never taken for an orphan.
+        owned = set(await asyncio.to_thread(self.cgroups.owned)) if self.cgroups else set()
+        claimed: set[str] = set()
         for entry in await self.store.list(keys.containers_on(self.node)):
             try:
                 record = ContainerRecord.from_json(entry.json())
@@ -242,32 +271,60 @@ class ContainerManager:
             self._records[record.id] = record
             if record.state != RUNNING:
                 continue
+            alive = record.pid and pid_start_ticks(record.pid) == record.pid_start_ticks
             if record.spec.run_dir is None:
                 # A daemonless `nova run`: its own process records how it ends.
-                if pid_start_ticks(record.pid) != record.pid_start_ticks:
-                    await self._finish(
-                        record,
-                        ExitStatus.for_reason(
-                            ExitReason.KILLED, "the daemonless run ended without recording a result"
-                        ),
+                if alive:
+                    claimed.add(record.id)
+                else:
+                    status = ExitStatus.for_reason(
+                        ExitReason.KILLED, "the daemonless run ended without recording a result"
                     )
+                    await self._finish(record, await self._settle(record, status, owned))
                 continue
             run_dir = self.run_dir(record)
-            alive = record.pid and pid_start_ticks(record.pid) == record.pid_start_ticks
             if alive:
                 try:
-                    adopted = AdoptedProcess(record, run_dir)
+                    cgroups = self.cgroups if record.id in owned else None
+                    adopted = AdoptedProcess(record, run_dir, cgroups)
                 except ProcessLookupError:
                     alive = False
                 else:
                     log.info("adopted running container %s (pid %d)", record.name, record.pid)
+                    claimed.add(record.id)
                     self.metrics.active_containers.inc()
                     self._track(record, adopted)
                     continue
             status = read_result(run_dir) or ExitStatus.for_reason(
                 ExitReason.KILLED, "ended while the agent was down; no result was recorded"
             )
-            await self._finish(record, status)
+            await self._finish(record, await self._settle(record, status, owned))
+        await self._remove_orphans(owned - claimed)
+
+    async def _settle(
+        self, record: ContainerRecord, status: ExitStatus, owned: set[str]
+    ) -> ExitStatus:
+        """A container that ended while the agent was away: its cgroup's usage
+        (an OOM kill shows there) goes into its status, and the cgroup goes."""
+        if self.cgroups is None or record.id not in owned:
+            return status
+        owned.discard(record.id)
+        return await asyncio.to_thread(self.cgroups.settle, record.spec, status)
+
+    async def _remove_orphans(self, unclaimed: set[str]) -> None:
+        """Destroy cgroups no live record claims: idle workers of a crashed agent,
+        starts it never recorded, containers that ended before their cgroup went."""
+        if self.cgroups is None:
+            return
+        cgroups = self.cgroups
+        ours = {record.pid for record in self.list() if record.pid}  # adopted, daemonless
+        for sandbox_id in sorted(unclaimed - self.runtime.sandbox_ids()):
+            inside = set(await asyncio.to_thread(cgroups.pids, sandbox_id))
+            if inside & ours:  # never kill an adopted container, whatever its cgroup is called
+                log.warning("cgroup %s holds a running container's process; kept", sandbox_id)
+                continue
+            log.info("removing orphaned cgroup %s (%d process(es) in it)", sandbox_id, len(inside))
+            await asyncio.to_thread(cgroups.discard, sandbox_id)
 
     async def close(self) -> None:
         """Stop supervising. Containers keep running; a new agent adopts them."""
@@ -351,6 +408,21 @@ class ContainerManager:
 
     async def _save(self, record: ContainerRecord) -> None:
         await self.store.put_json(keys.container(self.node, record.id), record.to_json())
+
+
+def _open_stdio(run_dir: Path) -> tuple[int, int, int]:
+    """The container's stdin (/dev/null) and its log files, as fds the caller closes."""
+    opened: list[int] = []
+    try:
+        opened.append(os.open(os.devnull, os.O_RDONLY))
+        for stream in STREAMS:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+            opened.append(os.open(run_dir / f"{stream}.log", flags, 0o600))
+    except OSError:
+        for fd in opened:
+            os.close(fd)
+        raise
+    return opened[0], opened[1], opened[2]
 
 
 def _default_name(module_path: str) -> str:

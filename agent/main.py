@@ -23,7 +23,9 @@ from aiohttp import web
 
 from agent.api import make_app, make_metrics_app
 from agent.containers import ContainerManager
+from agent.isolation.cgroups.base import check_root_name
 from agent.metrics import AgentMetrics
+from agent.sandbox.cgroups import SandboxCgroups
 from agent.sandbox.runtime import SandboxRuntime
 from nova import errors, paths
 from nova.store import open_store
@@ -37,6 +39,10 @@ The agent runs WebAssembly containers, each in its own worker process taken
 from a warm pool, and serves the local API that `nova run`, `nova ps`,
 `nova logs` and `nova stop` use. Containers keep running across agent
 restarts: a restarted agent adopts them.
+
+Run as root, it gives every container a cgroup of its own (memory, CPU and
+pids limits; usage recorded when it ends) under --cgroup-root, and removes
+the cgroups a crash left behind when it starts.
 """
 
 EPILOG = """\
@@ -45,11 +51,13 @@ files:
   /var/lib/nova/state.db    containers and local state, SQLite (NOVA_STATE_DIR)
   /var/lib/nova/containers  per-container logs and results
   /var/lib/nova/cache       compiled modules (NOVA_CACHE_DIR)
+  /sys/fs/cgroup/.../nova   container cgroups, root only (NOVA_CGROUP_ROOT)
   (non-root users get XDG directories instead; see docs/cli.md)
 
 examples:
   nova-agent --standalone
   nova-agent --standalone --pool-size 16 --metrics-address 0.0.0.0:9464
+  nova-agent --standalone --cgroup-root system.slice/nova-agent.service/payload
 
 exit status:
   0 on a clean shutdown (SIGTERM, SIGINT), 2 on a usage error,
@@ -107,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve /metrics over TCP here, e.g. 127.0.0.1:9464 (it is always on the socket)",
     )
     parser.add_argument(
+        "--cgroup-root",
+        default=None,
+        metavar="NAME",
+        help="container cgroups go under NAME/containers/ in each hierarchy "
+        f"(default: $NOVA_CGROUP_ROOT or nova; currently {paths.cgroup_root()}); one agent "
+        "per root: it removes every cgroup there that its records do not claim",
+    )
+    parser.add_argument(
+        "--isolation",
+        default="auto",
+        choices=["auto", "none"],
+        help="auto: a cgroup per container when running as root (default); "
+        "none: no cgroups at all (unsafe: only the wasm limits hold)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser
@@ -129,9 +152,12 @@ class Agent:
         self._take_lock()
         if paths.socket_answers(self.socket_path):  # fail before starting anything
             raise errors.NovaError(f"{self.socket_path} is in use by a running agent")
+        cgroups = await asyncio.to_thread(self._cgroups)
         store = open_store(str(self.state_dir / "state.db"))
         await store.open()
-        runtime = SandboxRuntime(str(self.cache_dir), pool_size=self.args.pool_size)
+        runtime = SandboxRuntime(
+            str(self.cache_dir), pool_size=self.args.pool_size, cgroups=cgroups
+        )
         metrics = AgentMetrics(runtime)
         manager = ContainerManager(
             node=self.args.node,
@@ -145,19 +171,20 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
+            await manager.recover()  # first: orphaned cgroups go before the pool makes new ones
             await runtime.start()
-            await manager.recover()
             await self._serve_socket(
                 make_app(manager=manager, metrics_=metrics, node=self.args.node)
             )
             if self.args.metrics_address:
                 await self._serve_tcp(make_metrics_app(metrics), self.args.metrics_address)
             log.info(
-                "agent ready: node=%s socket=%s pool=%d state=%s",
+                "agent ready: node=%s socket=%s pool=%d state=%s isolation=%s",
                 self.args.node,
                 self.socket_path,
                 self.args.pool_size,
                 self.state_dir,
+                cgroups.describe() if cgroups else "none (no cgroups)",
             )
             await stop.wait()
             log.info("shutting down; running containers keep running")
@@ -170,6 +197,22 @@ class Agent:
             await manager.close()
             await runtime.close()
             await store.close()
+
+    def _cgroups(self) -> SandboxCgroups | None:
+        """Container cgroups, unless --isolation none or the host cannot (not root)."""
+        if self.args.isolation == "none":
+            log.warning("--isolation none: containers run without cgroup limits")
+            return None
+        root_name = self.args.cgroup_root or paths.cgroup_root()
+        try:
+            cgroups = SandboxCgroups.for_host(root_name)
+        except ValueError as exc:  # a malformed --cgroup-root
+            raise errors.UsageError(f"invalid --cgroup-root {root_name!r}: {exc}") from None
+        except OSError as exc:
+            raise errors.NovaError(f"cannot set up container cgroups: {exc}") from None
+        if cgroups is None:
+            log.warning("not running as root: containers run without cgroups")
+        return cgroups
 
     def _take_lock(self) -> None:
         lock_path = self.state_dir / "agent.lock"
@@ -238,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.pool_size < 0:
         print("nova-agent: --pool-size must be 0 or more", file=sys.stderr)
         return errors.EXIT_USAGE
+    if args.cgroup_root is not None:
+        try:
+            check_root_name(args.cgroup_root)
+        except ValueError as exc:
+            print(f"nova-agent: invalid --cgroup-root: {exc}", file=sys.stderr)
+            return errors.EXIT_USAGE
     try:
         if args.metrics_address:
             parse_address(args.metrics_address)  # a typo fails before anything starts

@@ -67,13 +67,23 @@ class ContainerRecord:
             "finished_at": self.finished_at,
             "startup_us": self.startup_us,
             "http_port": self.spec.http_port,
+            "isolation": self.spec.isolation.value,
+            "limits": {
+                "memory_bytes": self.spec.memory_bytes,
+                "cpu_millicores": self.spec.cpu_millicores,
+                "pids_max": self.spec.pids_max,
+            },
             "status": self.status.to_json() if self.status else None,
             "describe": self.status.describe() if self.status else "running",
         }
 
 
 def pid_start_ticks(pid: int) -> int:
-    """The process's start time in clock ticks since boot, 0 if it is gone."""
+    """The process's start time in clock ticks since boot, 0 if it is gone.
+
+    A zombie is gone too: it has exited, only its parent has not reaped it yet
+    (a daemonless worker whose `nova run` was killed waits for init to reap it).
+    """
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
             stat = handle.read()
@@ -81,4 +91,6 @@ def pid_start_ticks(pid: int) -> int:
         return 0
     # The command name (field 2) may contain spaces; fields resume after ')'.
     fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return 0
     return int(fields[19])

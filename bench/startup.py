@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from typing import Any, Protocol
 
 import wasmtime
 
+from agent.sandbox.cgroups import SandboxCgroups
 from agent.sandbox.runtime import SandboxRuntime
 from agent.sandbox.spec import ExitReason, ExitStatus, RunSpec
 from bench import common
@@ -119,6 +121,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(VARIANTS),
         help="comma-separated subset to run (default: all)",
     )
+    parser.add_argument(
+        "--isolation",
+        choices=["auto", "none"],
+        default="none",
+        help="warm variant: auto gives each container its own cgroup as the agent does "
+        "(needs root; the cgroups go under a nova-bench-<hex> root, removed at the end); "
+        "none: no cgroups (default: %(default)s)",
+    )
     parser.add_argument("--wasm", type=Path, default=WASM_APP, help="default: %(default)s")
     parser.add_argument("--native", type=Path, default=NATIVE_APP, help="default: %(default)s")
 
@@ -192,9 +202,14 @@ class WarmVariant:
 
     @classmethod
     async def create(
-        cls, wasm: Path, pool_size: int, cache_dir: str, stdio: tuple[int, int, int]
+        cls,
+        wasm: Path,
+        pool_size: int,
+        cache_dir: str,
+        stdio: tuple[int, int, int],
+        cgroups: SandboxCgroups | None = None,
     ) -> WarmVariant:
-        runtime = SandboxRuntime(cache_dir, pool_size=pool_size)
+        runtime = SandboxRuntime(cache_dir, pool_size=pool_size, cgroups=cgroups)
         await runtime.start()
         module = await runtime.resolve(str(wasm))  # compiles once, preloads into the pool
         return cls(runtime, _spec(module.digest, str(module.artifact), wasm, 0), stdio)
@@ -242,7 +257,9 @@ class WarmVariant:
     def facts(self) -> dict[str, Any]:
         pool = self.runtime.pool
         stats = pool.stats if pool is not None else None
+        cgroups = self.runtime.cgroups
         return {
+            "isolation": cgroups.describe() if cgroups is not None else "none",
             "pool_size": pool.size if pool is not None else 0,
             "empty_pool_starts": self.empty_pool_starts,
             "not_pooled_starts": self.not_pooled,
@@ -454,6 +471,23 @@ def _check_inputs(args: argparse.Namespace, names: list[str]) -> None:
             raise common.BenchError(f"--{option.replace('_', '-')} must be at least 1")
     if args.pool_size < 1 and WARM in names:
         raise common.BenchError("--pool-size must be at least 1 for the warm variant")
+    if args.isolation == "auto" and os.geteuid() != 0:
+        raise common.BenchError("--isolation auto needs root (cgroups)")
+
+
+@contextlib.contextmanager
+def _bench_cgroups(isolation: str) -> Iterator[SandboxCgroups | None]:
+    """Cgroups under a root of this run's own, torn down (with anything left) at the end."""
+    if isolation == "none":
+        yield None
+        return
+    cgroups = SandboxCgroups.for_host(f"nova-bench-{secrets.token_hex(4)}")
+    if cgroups is None:
+        raise common.BenchError("--isolation auto: no usable cgroup filesystem on this host")
+    try:
+        yield cgroups
+    finally:
+        cgroups.cgroups.teardown()
 
 
 @contextlib.contextmanager
@@ -488,14 +522,14 @@ async def _measure(args: argparse.Namespace, names: list[str], scratch: Path) ->
         COLD: args.cold_runs,
         NAIVE_COMPILE: args.compile_runs,
     }
-    with _devnull_stdio() as stdio:
+    with _devnull_stdio() as stdio, _bench_cgroups(args.isolation) as cgroups:
         warm: WarmVariant | None = None
         variants: list[Variant] = []
         try:
             if WARM in names:
                 _progress(f"starting the warm pool ({args.pool_size} workers)...")
                 warm = await WarmVariant.create(
-                    args.wasm, args.pool_size, str(scratch / "warm-cache"), stdio
+                    args.wasm, args.pool_size, str(scratch / "warm-cache"), stdio, cgroups
                 )
                 variants.append(warm)
             if COLD in names:
@@ -556,6 +590,7 @@ def _body(results: Results, args: argparse.Namespace) -> dict[str, Any]:
             "cold_runs": args.cold_runs,
             "compile_runs": args.compile_runs,
             "pool_size": args.pool_size,
+            "isolation": args.isolation,
             "rounds": args.rounds,
             "warmup": args.warmup,
             "wasm": str(args.wasm),

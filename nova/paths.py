@@ -6,6 +6,9 @@ root (a real deployment):          another user (a developer's laptop):
   socket  /run/nova/agent.sock       $XDG_RUNTIME_DIR/nova/agent.sock (or /tmp/nova-$UID/)
 
 NOVA_STATE_DIR, NOVA_CACHE_DIR and NOVA_SOCKET override each one.
+
+Container cgroups (root only) live under `<hierarchy>/nova/containers/<id>`;
+NOVA_CGROUP_ROOT (or `nova-agent --cgroup-root`) names another root.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ def socket_path() -> Path:
         return Path("/run/nova/agent.sock")
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/nova-{os.getuid()}"
     return Path(runtime) / "nova" / "agent.sock"
+
+
+def cgroup_root() -> str:
+    """The name of Nova's cgroup root in each hierarchy (a relative path)."""
+    return os.environ.get("NOVA_CGROUP_ROOT") or "nova"
 
 
 def store_path() -> Path:

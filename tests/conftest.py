@@ -1,4 +1,4 @@
-"""Shared fixtures: example apps, isolated Nova directories, process hygiene."""
+"""Shared fixtures: example apps, isolated Nova directories and cgroups, process hygiene."""
 
 from __future__ import annotations
 
@@ -25,12 +25,65 @@ def examples() -> Path:
 
 
 @pytest.fixture
-def nova_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """State, cache and socket under tmp_path, for this process and its children."""
+def nova_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """State, cache, socket and cgroup root of this test only, for this process and its
+    children. As root, agents and `nova run` give containers cgroups: they go under a
+    root of this test's own (`nova-test-<hex>`), removed with everything in it at the end.
+    """
     monkeypatch.setenv("NOVA_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("NOVA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("NOVA_SOCKET", str(tmp_path / "agent.sock"))
-    return tmp_path
+    cgroup_root = unique_cgroup_root()
+    monkeypatch.setenv("NOVA_CGROUP_ROOT", cgroup_root)
+    yield tmp_path
+    if os.geteuid() == 0:
+        remove_cgroup_root(cgroup_root)
+
+
+def unique_cgroup_root() -> str:
+    """A cgroup root name no other test (or Nova install) uses."""
+    return f"nova-test-{uuid.uuid4().hex[:10]}"
+
+
+def cgroup_root_paths(root_name: str) -> list[Path]:
+    """Where `root_name` is (or would be) in each hierarchy Nova uses on this host."""
+    from agent.isolation.cgroups import Cgroups, NoCgroupFilesystem
+
+    try:
+        return [Path(p) for p in Cgroups.detect(root_name).root_paths]
+    except NoCgroupFilesystem:
+        return []
+
+
+def owned_cgroups(root_name: str) -> set[str]:
+    """Container cgroups under `root_name`, in any hierarchy."""
+    return {
+        child.name
+        for root in cgroup_root_paths(root_name)
+        if (root / "containers").is_dir()
+        for child in (root / "containers").iterdir()
+        if child.is_dir()
+    }
+
+
+def remove_cgroup_root(root_name: str) -> None:
+    """Kill what is left under `root_name` and remove it, bottom-up, in every hierarchy.
+
+    Independent of the code under test. Never touches anything outside that root.
+    """
+    roots = [root for root in cgroup_root_paths(root_name) if root.exists()]
+    for _ in range(250):
+        left = [Path(d) for root in roots for d, _, _ in os.walk(root, topdown=False)]
+        if not left:
+            return
+        for d in left:
+            with contextlib.suppress(OSError):
+                for pid in (d / "cgroup.procs").read_text().split():
+                    os.kill(int(pid), signal.SIGKILL)
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        time.sleep(0.02)
+    raise AssertionError(f"cannot remove the test's cgroups: {left}")
 
 
 def descendants(pid: int) -> set[int]:

@@ -3,6 +3,13 @@
 Claiming takes a ready worker without waiting (a pool hit). When the pool is
 empty the caller forks one on the spot (a miss). A background task refills
 the pool to its target size; workers are never reused: one container each.
+
+With cgroups, each worker is forked for a container id chosen ahead
+(`sandbox_id`): the pool makes that container's cgroup first and the worker
+joins it right after the fork, so claiming one never moves a process.
+Idle workers' cgroups carry the limits of the latest run (`expect_limits`),
+so a start with the same limits writes nothing. A worker that dies idle, or
+is closed with the pool, takes its cgroup along.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from agent.isolation.cgroups import Limits
+from agent.sandbox.cgroups import IDLE_LIMITS, SandboxCgroups, new_sandbox_id
 from agent.sandbox.process import WorkerHandle, Zygote
 
 log = logging.getLogger("nova.agent.sandbox.pool")
@@ -33,11 +42,14 @@ class PoolStats:
 
 
 class WarmPool:
-    def __init__(self, zygote: Zygote, size: int) -> None:
+    def __init__(self, zygote: Zygote, size: int, *, cgroups: SandboxCgroups | None = None) -> None:
         if size < 0:
             raise ValueError("pool size must be >= 0")
         self.zygote = zygote
         self.size = size
+        self.cgroups = cgroups
+        self._discarding: set[asyncio.Task[None]] = set()
+        self._limits = IDLE_LIMITS  # what idle workers' cgroups carry: the latest run's
         self.stats = PoolStats()
         self._idle: collections.deque[WorkerHandle] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -48,6 +60,10 @@ class WarmPool:
     @property
     def idle(self) -> int:
         return len(self._idle)
+
+    def sandbox_ids(self) -> set[str]:
+        """The container ids (and cgroups) the idle workers hold."""
+        return {worker.sandbox_id for worker in self._idle}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._refill_loop(), name="nova-pool-refill")
@@ -64,8 +80,10 @@ class WarmPool:
             self._wakeup.set()
             if worker.signal(0):  # still alive (pidfd: no pid-reuse race)
                 self.stats.hits += 1
+                worker.pooled = True
                 return worker
             worker.close_channel()
+            self.discard_later(worker)
         self.stats.misses += 1
         self._wakeup.set()
         return await self._spawn()
@@ -89,13 +107,73 @@ class WarmPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while self._idle:
-            worker = self._idle.popleft()
+        idle = list(self._idle)
+        self._idle.clear()
+        for worker in idle:
             worker.close_channel()  # EOF ends an idle worker
             worker.kill()
+        relabels = [worker.relabel for worker in idle if worker.relabel is not None]
+        await asyncio.gather(*relabels, return_exceptions=True)  # before their cgroups go
+        if self.cgroups is not None:
+            await asyncio.gather(*(self._discard(worker.sandbox_id) for worker in idle))
+        if self._discarding:
+            await asyncio.gather(*self._discarding, return_exceptions=True)
+
+    def expect_limits(self, limits: Limits) -> None:
+        """Label idle workers' cgroups (and new ones) with `limits`, in the background.
+
+        `WorkerHandle.cgroup_limits` always says what a cgroup has; a claim
+        awaits a relabel still in flight (`WorkerHandle.relabel`) first.
+        """
+        if self.cgroups is None or limits == self._limits:
+            return
+        self._limits = limits
+        for worker in self._idle:
+            self._relabel(worker, limits)
+
+    def _relabel(self, worker: WorkerHandle, limits: Limits) -> asyncio.Future[None]:
+        cgroups, previous = self.cgroups, worker.relabel
+        assert cgroups is not None
+
+        async def relabel() -> None:
+            if previous is not None:
+                await previous
+            worker.cgroup_limits = None  # unknown until the write is done
+            try:
+                await asyncio.to_thread(cgroups.relabel, worker.sandbox_id, limits)
+            except OSError as exc:
+                log.warning("cannot relabel idle worker %d's cgroup: %s", worker.pid, exc)
+            else:
+                worker.cgroup_limits = limits
+
+        worker.relabel = task = asyncio.ensure_future(relabel())
+        return task
+
+    def discard_later(self, worker: WorkerHandle) -> None:
+        """Remove a dead or unused worker's cgroup in the background (destroy kills it)."""
+        if self.cgroups is not None:
+            task = asyncio.ensure_future(self._discard(worker.sandbox_id))
+            self._discarding.add(task)
+            task.add_done_callback(self._discarding.discard)
+
+    async def _discard(self, sandbox_id: str) -> None:
+        assert self.cgroups is not None
+        await asyncio.to_thread(self.cgroups.discard, sandbox_id)
 
     async def _spawn(self) -> WorkerHandle:
-        worker = await self.zygote.spawn()
+        sandbox_id = new_sandbox_id()
+        if self.cgroups is None:
+            worker = await self.zygote.spawn(sandbox_id)
+        else:
+            await asyncio.to_thread(self.cgroups.prepare_idle, sandbox_id)
+            try:
+                worker = await self.zygote.spawn(sandbox_id, join=True)
+            except BaseException:
+                await self._discard(sandbox_id)
+                raise
+            worker.cgroup_limits = IDLE_LIMITS
+            if self._limits != IDLE_LIMITS:  # after its warm-up: no CPU quota slows that
+                await self._relabel(worker, self._limits)
         self.stats.spawned += 1
         return worker
 

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from agent.isolation.cgroups import Limits
 from agent.sandbox import channel
 from agent.sandbox.spec import ExitReason, ExitStatus, RunSpec
 from nova import errors
@@ -57,10 +58,26 @@ def read_result(run_dir: Path) -> ExitStatus | None:
 
 
 class WorkerHandle:
-    """One worker process: waits ready, runs one spec, reports one ExitStatus."""
+    """One worker process: waits ready, runs one spec, reports one ExitStatus.
 
-    def __init__(self, pid: int, sock: socket.socket, popen: subprocess.Popen[bytes] | None = None):
+    `sandbox_id` is the id of the container it will run, chosen when it was
+    forked: it names the worker's cgroup, which a pooled worker joins while idle.
+    """
+
+    def __init__(
+        self,
+        pid: int,
+        sock: socket.socket,
+        popen: subprocess.Popen[bytes] | None = None,
+        *,
+        sandbox_id: str,
+    ):
         self.pid = pid
+        self.sandbox_id = sandbox_id
+        self.in_cgroup = False  # joined its container's cgroup while idle
+        self.cgroup_limits: Limits | None = None  # what that cgroup allows now (None: unknown)
+        self.relabel: asyncio.Future[None] | None = None  # a change of cgroup_limits in flight
+        self.pooled = False  # claimed warm from the pool
         self.sock = sock
         self.sock.setblocking(False)
         self._popen = popen  # set when we started the interpreter ourselves (cold path)
@@ -79,7 +96,8 @@ class WorkerHandle:
             self.kill()
             raise errors.SandboxError(f"worker {self.pid} did not become ready") from None
         if not message or message.get("op") != "ready":
-            raise errors.SandboxError(f"worker {self.pid} died while starting")
+            reason = (message or {}).get("error") or "it died while starting"
+            raise errors.SandboxError(f"worker {self.pid} did not become ready: {reason}")
 
     def preload(self, digest: str, artifact: str, *, standby: bool) -> None:
         """Load a module and, if `standby`, instantiate it ahead of the run."""
@@ -175,9 +193,15 @@ class WorkerHandle:
 
 
 class Zygote:
-    """The parent's end of the zygote: spawn workers, preload modules into it."""
+    """The parent's end of the zygote: spawn workers, preload modules into it.
 
-    def __init__(self) -> None:
+    With `cgroup_root` (the agent's cgroup root name), workers can be spawned
+    straight into a container cgroup the caller made, and the zygote registers
+    the prepare hook that makes each run check it is inside before guest code.
+    """
+
+    def __init__(self, *, cgroup_root: str | None = None) -> None:
+        self.cgroup_root = cgroup_root
         self._control: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # one request in flight on the control channel
@@ -191,8 +215,11 @@ class Zygote:
 
     def _start_blocking(self) -> None:
         ours, theirs = channel.pair()
+        argv = [sys.executable, "-m", "agent.sandbox.zygote", str(theirs.fileno())]
+        if self.cgroup_root is not None:
+            argv.append(self.cgroup_root)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.sandbox.zygote", str(theirs.fileno())],
+            argv,
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
         )
@@ -216,14 +243,23 @@ class Zygote:
             raise errors.SandboxError("the zygote exited")
         return reply
 
-    async def spawn(self) -> WorkerHandle:
-        """Fork a worker and wait until it is ready to run."""
+    async def spawn(self, sandbox_id: str, *, join: bool = False) -> WorkerHandle:
+        """Fork a worker for container `sandbox_id` and wait until it is ready to run.
+
+        With `join`, the worker moves into that container's cgroup (which the
+        caller made) right after the fork, before it warms up.
+        """
         ours, theirs = channel.pair()
+        message = {"op": "spawn", "sandbox": sandbox_id, "join": join}
         try:
-            reply = await asyncio.to_thread(self._request, {"op": "spawn"}, [theirs.fileno()])
+            reply = await asyncio.to_thread(self._request, message, [theirs.fileno()])
         finally:
             theirs.close()
-        handle = WorkerHandle(int(reply["pid"]), ours)
+        if "pid" not in reply:
+            ours.close()
+            raise errors.SandboxError(f"the zygote could not fork a worker: {reply.get('error')}")
+        handle = WorkerHandle(int(reply["pid"]), ours, sandbox_id=sandbox_id)
+        handle.in_cgroup = join
         await handle.wait_ready()
         return handle
 
@@ -246,16 +282,20 @@ class Zygote:
                 await asyncio.to_thread(proc.wait)
 
 
-async def spawn_cold_worker() -> WorkerHandle:
-    """A worker in a brand-new interpreter: the slow path, no zygote involved."""
+async def spawn_cold_worker(sandbox_id: str, *, cgroup_root: str | None = None) -> WorkerHandle:
+    """A worker in a brand-new interpreter: the slow path, no zygote involved.
+
+    With `cgroup_root` it registers the prepare hook and joins its container's
+    cgroup when the run arrives (a move on the start path; cold starts are slow anyway).
+    """
     ours, theirs = channel.pair()
+    argv = [sys.executable, "-m", "agent.sandbox.worker", str(theirs.fileno())]
+    if cgroup_root is not None:
+        argv.append(cgroup_root)
     proc = await asyncio.to_thread(
-        subprocess.Popen,
-        [sys.executable, "-m", "agent.sandbox.worker", str(theirs.fileno())],
-        pass_fds=(theirs.fileno(),),
-        stdin=subprocess.DEVNULL,
+        subprocess.Popen, argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL
     )
     theirs.close()
-    handle = WorkerHandle(proc.pid, ours, popen=proc)
+    handle = WorkerHandle(proc.pid, ours, popen=proc, sandbox_id=sandbox_id)
     await handle.wait_ready()
     return handle

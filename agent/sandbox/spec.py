@@ -36,12 +36,33 @@ class DirMount:
         return cls(host=parts[0], guest=parts[1], read_only=read_only)
 
 
+class Isolation(enum.StrEnum):
+    """Host isolation of a container, beyond the wasm sandbox itself.
+
+    Users ask for `auto` or `none`; the runtime resolves `auto` before the
+    spec reaches a worker, so a worker only sees `cgroup` or `none`.
+    """
+
+    AUTO = "auto"  # asked: a cgroup of its own when the host allows it (root, cgroups mounted)
+    NONE = "none"  # no cgroup limits: only the wasm limits hold (unsafe on a shared host)
+    CGROUP = "cgroup"  # resolved: the container's own cgroup (memory, CPU, pids limits)
+
+    @classmethod
+    def parse(cls, text: str, *, what: str = "isolation") -> Isolation:
+        """What users may ask for: `auto` or `none` (UsageError otherwise)."""
+        if text not in (cls.AUTO, cls.NONE):
+            raise errors.UsageError(f"invalid {what} {text!r}: expected auto or none")
+        return cls(text)
+
+
 @dataclass(frozen=True, slots=True)
 class RunSpec:
     """Everything a worker needs to run one container.
 
     `digest` is the sha256 of the module's bytes; `artifact` is the path of its
-    verified compiled artifact in the module cache.
+    verified compiled artifact in the module cache. `memory_bytes` caps the
+    linear memory (wasm); `cpu_millicores` and `pids_max` are cgroup limits,
+    enforced only when `isolation` is `cgroup`.
     """
 
     id: str
@@ -57,6 +78,9 @@ class RunSpec:
     run_dir: str | None = None  # where the worker writes result.json (agent mode)
     http_port: int | None = None  # serve HTTP (WAGI) on this port instead of running once
     http_host: str = "127.0.0.1"
+    cpu_millicores: int | None = None  # CFS quota: 500 = half a core
+    pids_max: int | None = None  # processes + threads of the worker; None: the default cap
+    isolation: Isolation = Isolation.AUTO
 
     def to_json(self) -> dict[str, Any]:
         # Field by field: dataclasses.asdict deep-copies and is slow on the start path.
@@ -76,6 +100,9 @@ class RunSpec:
             "run_dir": self.run_dir,
             "http_port": self.http_port,
             "http_host": self.http_host,
+            "cpu_millicores": self.cpu_millicores,
+            "pids_max": self.pids_max,
+            "isolation": self.isolation.value,
         }
 
     @classmethod
@@ -94,6 +121,9 @@ class RunSpec:
             run_dir=data.get("run_dir"),
             http_port=data.get("http_port"),
             http_host=data.get("http_host", "127.0.0.1"),
+            cpu_millicores=data.get("cpu_millicores"),
+            pids_max=data.get("pids_max"),
+            isolation=Isolation(data.get("isolation", Isolation.NONE)),
         )
 
 

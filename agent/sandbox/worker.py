@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ from wasmtime._extern import wrap_extern
 
 from agent.sandbox import channel, wasi
 from agent.sandbox.engine import EPOCH_TICK_S
-from agent.sandbox.spec import ExitReason, ExitStatus, RunSpec
+from agent.sandbox.spec import ExitReason, ExitStatus, Isolation, RunSpec
 
 # A guest blocked in a host call (a long sleep) never reaches an epoch check;
 # past its deadline plus this grace, the watchdog ends the worker itself.
@@ -56,6 +57,7 @@ _REHEARSAL_SPEC = RunSpec(
     env=(("NOVA", "rehearsal"),),
     memory_bytes=1 << 20,
     timeout_s=60.0,
+    isolation=Isolation.NONE,
 )
 
 
@@ -160,7 +162,7 @@ class ModuleTable:
             instance = self._pres[each].instantiate(store)
             export(store, instance, "_start")
 
-    def rehearse(self, ticker: EpochTicker | None) -> None:
+    def rehearse(self, ticker: EpochTicker | None, joined: str | None = None) -> None:
         """Go through the whole start path once with a no-op module.
 
         Python's first pass over code in a forked worker writes to pages it
@@ -168,12 +170,17 @@ class ModuleTable:
         caches), and each first write copies a page. Rehearsing the exact
         path a run takes (decode the message, build the spec, execute) pays
         for those copies before the worker reports ready: it halved the
-        worker's share of a warm start here.
+        worker's share of a warm start here. A worker that `joined` its
+        container's cgroup rehearses as that container, so the prepare hook's
+        check (already inside: no move) is rehearsed too.
         """
         if REHEARSAL_DIGEST not in self._pres:
             module = wasmtime.Module(self.engine, bytes(wasmtime.wat2wasm(REHEARSAL_WAT)))
             self.add(REHEARSAL_DIGEST, module)
-        message = json.loads(json.dumps({"op": "run", "spec": _REHEARSAL_SPEC.to_json()}))
+        rehearsal = _REHEARSAL_SPEC
+        if joined is not None:
+            rehearsal = dataclasses.replace(rehearsal, id=joined, isolation=Isolation.CGROUP)
+        message = json.loads(json.dumps({"op": "run", "spec": rehearsal.to_json()}))
         spec = RunSpec.from_json(message["spec"])
         execute(spec, self, ticker, on_watchdog=_noop, on_start=_noop_start)
 
@@ -347,11 +354,14 @@ def write_result(run_dir: str | None, status: ExitStatus) -> None:
         pass  # the channel still carries the result; nothing else to do
 
 
-def serve(sock: socket.socket, table: ModuleTable) -> None:
-    """The pooled worker's life: announce readiness, wait for one run, exit."""
+def serve(sock: socket.socket, table: ModuleTable, *, joined: str | None = None) -> None:
+    """The pooled worker's life: announce readiness, wait for one run, exit.
+
+    `joined` is the container cgroup this worker already sits in, if any.
+    """
     ticker = EpochTicker(table.engine)
     table.warm()
-    table.rehearse(ticker)
+    table.rehearse(ticker, joined)
     standby = Standby(table, table.expected)
     channel.send(sock, {"op": "ready", "pid": os.getpid()})
     while True:
@@ -371,6 +381,7 @@ def serve(sock: socket.socket, table: ModuleTable) -> None:
         if message["op"] == "run":
             break
     received_ns = time.monotonic_ns()
+    idle_cpu_s = time.process_time()  # the worker's own preparation, not the container's
     spec = RunSpec.from_json(message["spec"])
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
@@ -399,6 +410,7 @@ def serve(sock: socket.socket, table: ModuleTable) -> None:
             spec, table, ticker, on_watchdog=watchdog, on_start=announce_start, standby=standby
         )
     status.extra["received_ns"] = received_ns
+    status.extra["idle_cpu_seconds"] = idle_cpu_s
     _report(sock, spec, status)
     os._exit(status.exit_code & 0xFF)
 
@@ -414,16 +426,24 @@ def reset_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def main(channel_fd: int) -> None:
-    """A worker started as its own interpreter (the cold path: no zygote, no pool)."""
+def main(channel_fd: int, cgroup_root: str | None = None) -> None:
+    """A worker started as its own interpreter (the cold path: no zygote, no pool).
+
+    With `cgroup_root`, its run joins the container's cgroup in the prepare hook.
+    """
     from agent.sandbox.engine import make_engine
 
     reset_signals()
     os.setsid()
+    if cgroup_root is not None:
+        from agent.isolation.cgroups import Cgroups
+        from agent.sandbox.cgroups import PrepareHook
+
+        PREPARE_HOOKS.append(PrepareHook(Cgroups.detect(cgroup_root)))
     serve(socket.socket(fileno=channel_fd), ModuleTable(make_engine(parallel_compilation=False)))
 
 
 if __name__ == "__main__":
     import sys
 
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)

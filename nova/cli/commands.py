@@ -14,6 +14,7 @@ from typing import Any
 
 import uvloop
 
+from agent.isolation.cgroups.parse import parse_millicores
 from nova import errors, paths
 from nova.cli.client import AgentClient, agent_listening
 from nova.units import parse_duration, parse_size
@@ -62,6 +63,18 @@ def _create_body(args: argparse.Namespace) -> dict[str, Any]:
         body["memory"] = parse_size(args.memory, what="--memory")
     if args.timeout is not None:
         body["timeout"] = parse_duration(args.timeout, what="--timeout")
+    if args.cpu is not None:
+        try:
+            body["cpu"] = f"{parse_millicores(args.cpu)}m"
+        except errors.UsageError as exc:
+            raise errors.UsageError(exc.message.replace("cpu", "--cpu", 1)) from None
+    if args.pids is not None:
+        body["pids"] = _parse_pids(args.pids)
+    body["isolation"] = args.isolation
+    if args.isolation == "none" and (args.cpu is not None or args.pids is not None):
+        raise errors.UsageError(
+            "--cpu and --pids need a cgroup, and --isolation none has none: drop one or the other"
+        )
     if args.port is not None:
         if not 0 < args.port < 65536:
             raise errors.UsageError(f"invalid --port {args.port}: expected 1-65535")
@@ -70,6 +83,24 @@ def _create_body(args: argparse.Namespace) -> dict[str, Any]:
     if not os.path.exists(args.module):
         raise errors.ModuleNotFound(f"{args.module}: no such file")
     return body
+
+
+def _parse_pids(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise errors.UsageError(f"invalid --pids {text!r}: expected a whole number of at least 1")
+    return int(text)
+
+
+def _cgroup_notice(body: dict[str, Any], record: dict[str, Any]) -> None:
+    """One line when limits that need a cgroup were asked for but the agent has none."""
+    asked = [flag for flag, field in (("--cpu", "cpu"), ("--pids", "pids")) if field in body]
+    if asked and record.get("isolation") == "none":
+        verb = "needs" if len(asked) == 1 else "need"
+        print(
+            f"nova: {' and '.join(asked)} {verb} cgroups, and the agent runs without them "
+            "(not root?): not enforced (--isolation none; only the wasm limits hold)",
+            file=sys.stderr,
+        )
 
 
 def _check_dir(text: str) -> str:
@@ -85,6 +116,7 @@ async def _run_via_agent(socket_path: Path, body: dict[str, Any], *, detach: boo
     async with AgentClient(socket_path) as client:
         record = await client.create(body)
         name = record["name"]
+        _cgroup_notice(body, record)
         if detach:
             print(name)
             return 0

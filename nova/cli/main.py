@@ -37,7 +37,8 @@ examples:
 
 exit status (nova run): the container's own exit code when it exits; 2 usage
 error; 124 timeout; 125 Nova failed; 126 module cannot run (not wasm, invalid,
-imports Nova lacks); 127 module not found; 134 trap; 137 killed; 143 stopped.
+imports Nova lacks); 127 module not found; 134 trap; 137 killed (or OOMKilled);
+143 stopped.
 """
 
 RUN_DESCRIPTION = """\
@@ -47,6 +48,12 @@ If a nova-agent answers on its socket, the container runs under the agent:
 its output is streamed here, and with --detach it keeps running in the
 background (see `nova ps`, `nova logs`, `nova stop`). Without an agent the
 container runs daemonless in this process's sandbox.
+
+As root, every container gets a cgroup of its own (--isolation auto): its
+memory (--memory plus 64Mi for the worker process), --cpu and --pids limits
+hold for the whole worker, and the kernel's OOM killer ends it (OOMKilled,
+exit 137) if it goes past them. Other users run without cgroups; --cpu and
+--pids then print a notice and are not enforced.
 """
 
 RUN_EPILOG = """\
@@ -55,8 +62,10 @@ examples:
   nova run app.wasm --env NAME=nova --memory 64Mi --timeout 5s -- arg1 arg2
   nova run cat.wasm --dir ./data:/data:ro -- /data/notes.txt
   nova run --detach --name web --port 8080 handler.wasm
+  nova run --cpu 500m --pids 16 --memory 64Mi cpu-spin.wasm -- 5
 
 sizes: 64Mi, 1Gi, 500M, 1048576 (bytes). durations: 250ms, 5s, 2m.
+cpu: 500m (half a core), 0.25, 2 (cores).
 
 HTTP (--port): each request runs a fresh instance of MODULE with the WAGI
 interface (CGI/1.1 over WASI stdio): request metadata in environment variables,
@@ -64,7 +73,8 @@ the body on stdin, and the response (CGI headers, blank line, body) on stdout.
 
 exit status: the container's own exit code; 124 timeout; 125 Nova failed;
 126 not runnable (not wasm, invalid, unsupported imports); 127 not found;
-134 trap; 137 killed; 143 stopped; 2 usage error.
+134 trap; 137 killed (or OOMKilled: past its cgroup's memory); 143 stopped;
+2 usage error.
 """
 
 
@@ -116,6 +126,21 @@ def build_parser() -> NovaArgumentParser:
     run.add_argument("--memory", metavar="SIZE", help="cap the module's linear memory, e.g. 64Mi")
     run.add_argument(
         "--timeout", metavar="DURATION", help="stop the container after this long, e.g. 5s"
+    )
+    run.add_argument(
+        "--cpu", metavar="CPU", help="CPU quota, e.g. 500m = half a core (needs a cgroup: root)"
+    )
+    run.add_argument(
+        "--pids",
+        metavar="N",
+        help="cap the worker's processes and threads (needs a cgroup: root; default 64)",
+    )
+    run.add_argument(
+        "--isolation",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto: a cgroup of its own when root (default); "
+        "none: no cgroup, only the wasm limits hold (unsafe on a shared host)",
     )
     run.add_argument(
         "-d", "--detach", action="store_true", help="start under the agent and return its name"

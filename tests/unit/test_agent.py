@@ -509,12 +509,33 @@ def test_a_second_agent_fails_fast_and_leaves_the_first_alone(
     assert nova("ps").returncode == 0
 
 
+def test_limits_an_agent_without_cgroups_cannot_enforce_get_a_notice(
+    start_agent: StartAgent, examples: Path
+) -> None:
+    """`nova-agent --isolation none` (or an agent that is not root) runs containers without
+    cgroups: a run that asked for --cpu or --pids says, in one line, that they do not hold."""
+    start_agent("--isolation", "none")
+    result = nova("run", "--cpu", "500m", "--name", "bare", examples / "hello.wasm")
+    assert (result.returncode, result.stdout) == (0, "hello from wasm, world\n")
+    assert one_error_line(result) == (
+        "nova: --cpu needs cgroups, and the agent runs without them (not root?): "
+        "not enforced (--isolation none; only the wasm limits hold)"
+    )
+    record = container("bare")
+    assert (record["isolation"], record["limits"]["cpu_millicores"]) == ("none", 500)
+    assert "usage" not in record["status"]["extra"]
+    quiet = nova("run", "--memory", "8Mi", examples / "hello.wasm")
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
         ([], "one of the arguments --standalone --consul is required"),
         (["--standalone", "--pool-size", "-1"], "--pool-size must be 0 or more"),
         (["--standalone", "--metrics-address", "9464"], "invalid --metrics-address '9464'"),
+        (["--standalone", "--cgroup-root", "../x"], "invalid --cgroup-root: invalid cgroup root"),
+        (["--standalone", "--isolation", "off"], "argument --isolation: invalid choice: 'off'"),
     ],
 )
 def test_agent_usage_errors_exit_2(argv: list[str], says: str) -> None:

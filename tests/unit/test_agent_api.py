@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent.api import parse_create
-from agent.sandbox.spec import DirMount
+from agent.sandbox.spec import DirMount, Isolation
 from nova import errors
 from nova.cli.client import _container, _error_from
 
@@ -26,6 +26,7 @@ def test_minimal_request_gets_defaults() -> None:
     assert (spec.name, spec.env, spec.dirs) == ("", (), ())
     assert (spec.memory_bytes, spec.timeout_s, spec.http_port) == (None, None, None)
     assert spec.http_host == "127.0.0.1"
+    assert (spec.cpu_millicores, spec.pids_max, spec.isolation) == (None, None, Isolation.AUTO)
 
 
 def test_full_request() -> None:
@@ -40,9 +41,13 @@ def test_full_request() -> None:
             "timeout": "250ms",
             "http_port": 8080,
             "http_host": "0.0.0.0",
+            "cpu": "500m",
+            "pids": 16,
+            "isolation": "auto",
         }
     )
     assert spec.name == "web-1.a_b"
+    assert (spec.cpu_millicores, spec.pids_max, spec.isolation) == (500, 16, Isolation.AUTO)
     assert spec.argv == ("hello.wasm", "a b", "")
     assert spec.env == (("NAME", "nova"), ("EMPTY", ""))
     assert spec.dirs == (DirMount("/srv/data", "/data", True), DirMount("/tmp", "/tmp"))
@@ -56,6 +61,20 @@ def test_numbers_and_env_pairs_as_the_cli_sends_them() -> None:
     )
     assert spec.env == (("A", "1"), ("A", "2"))
     assert (spec.memory_bytes, spec.timeout_s) == (1 << 20, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("cpu", "millicores"), [("500m", 500), ("0.25", 250), ("2", 2000), (0.5, 500), (3, 3000)]
+)
+def test_cpu_as_kubernetes_writes_it(cpu: Any, millicores: int) -> None:
+    """A string is cores or millicores (`500m`); a number is cores."""
+    assert parse_create({"module": MODULE, "cpu": cpu}).cpu_millicores == millicores
+
+
+def test_isolation_none_is_accepted_without_cgroup_limits() -> None:
+    spec = parse_create({"module": MODULE, "isolation": "none", "memory": "8Mi"})
+    assert (spec.isolation, spec.memory_bytes) == (Isolation.NONE, 8 << 20)
+    assert parse_create({"module": MODULE, "isolation": None}).isolation is Isolation.AUTO
 
 
 @pytest.mark.parametrize(
@@ -94,6 +113,28 @@ def test_numbers_and_env_pairs_as_the_cli_sends_them() -> None:
         ({"module": MODULE, "http_port": "80"}, "invalid http_port '80'"),
         ({"module": MODULE, "http_port": True}, "invalid http_port True"),
         ({"module": MODULE, "http_host": 1}, "invalid http_host 1"),
+        ({"module": MODULE, "cpu": "half"}, "invalid cpu 'half'"),
+        ({"module": MODULE, "cpu": "0.0001"}, "invalid cpu '0.0001': must be at least 1m"),
+        ({"module": MODULE, "cpu": 0}, "invalid cpu 0"),
+        ({"module": MODULE, "cpu": -1}, "invalid cpu -1"),
+        ({"module": MODULE, "cpu": True}, "invalid cpu True"),
+        ({"module": MODULE, "cpu": [1]}, "invalid cpu [1]"),
+        ({"module": MODULE, "pids": 0}, "invalid pids 0"),
+        ({"module": MODULE, "pids": "8"}, "invalid pids '8'"),
+        ({"module": MODULE, "pids": 2.5}, "invalid pids 2.5"),
+        ({"module": MODULE, "pids": True}, "invalid pids True"),
+        ({"module": MODULE, "isolation": "cgroup"}, "invalid isolation 'cgroup'"),
+        ({"module": MODULE, "isolation": "off"}, "invalid isolation 'off': expected auto or none"),
+        ({"module": MODULE, "isolation": ""}, "invalid isolation ''"),
+        ({"module": MODULE, "isolation": 0}, "invalid isolation 0"),
+        (
+            {"module": MODULE, "isolation": "none", "cpu": "500m"},
+            "cpu and pids limits need a cgroup, and isolation 'none' has none",
+        ),
+        (
+            {"module": MODULE, "isolation": "none", "pids": 8},
+            "cpu and pids limits need a cgroup",
+        ),
     ],
 )
 def test_malformed_requests_are_usage_errors(body: Any, says: str) -> None:

@@ -134,6 +134,11 @@ def write_wat(path: Path, wat: str) -> Path:
         ("bad --dir", errors.EXIT_USAGE, "is not a directory"),
         ("bad --name", errors.EXIT_USAGE, "invalid name 'a/b'"),
         ("unknown flag", errors.EXIT_USAGE, "unknown flag or argument: --bogus"),
+        ("bad --cpu", errors.EXIT_USAGE, "invalid --cpu 'half': expected cores or millicores"),
+        ("tiny --cpu", errors.EXIT_USAGE, "invalid --cpu '0.0001': must be at least 1m"),
+        ("bad --pids", errors.EXIT_USAGE, "invalid --pids '0': expected a whole number"),
+        ("bad --isolation", errors.EXIT_USAGE, "invalid choice: 'cgroup'"),
+        ("--cpu without cgroup", errors.EXIT_USAGE, "--isolation none has none"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_the_documented_code(
@@ -152,6 +157,11 @@ def test_bad_input_gives_one_clear_line_and_the_documented_code(
         "bad --dir": ["run", hello, "--dir", f"{tmp_path / 'nodir'}:/data"],
         "bad --name": ["run", "--name", "a/b", hello],
         "unknown flag": ["run", "--bogus", hello],
+        "bad --cpu": ["run", hello, "--cpu", "half"],
+        "tiny --cpu": ["run", hello, "--cpu", "0.0001"],
+        "bad --pids": ["run", hello, "--pids", "0"],
+        "bad --isolation": ["run", hello, "--isolation", "cgroup"],
+        "--cpu without cgroup": ["run", "--isolation", "none", "--pids", "4", hello],
     }  # fmt: skip
     result = nova(*argv[case])
     assert result.returncode == exit_code, result.stderr
