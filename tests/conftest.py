@@ -86,6 +86,22 @@ def remove_cgroup_root(root_name: str) -> None:
     raise AssertionError(f"cannot remove the test's cgroups: {left}")
 
 
+@pytest.fixture(scope="session")
+def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("module-cache")
+
+
+@pytest.fixture
+def shared_module_cache(
+    nova_dirs: Path, module_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One compiled-module cache for the session, as on a user's host: each app compiles once.
+
+    (A test that counts compiles sets its own, empty cache.)
+    """
+    monkeypatch.setenv("NOVA_CACHE_DIR", str(module_cache))
+
+
 def descendants(pid: int) -> set[int]:
     """Every process whose ancestry leads to `pid` (through /proc)."""
     parents: dict[int, int] = {}

@@ -30,27 +30,11 @@ from nova import errors, paths
 from tests.conftest import process_alive
 from tests.unit.test_cli import NOVA, console_script, nova, nova_many, one_error_line
 
-pytestmark = pytest.mark.usefixtures("nova_dirs", "no_leftover_processes")
+pytestmark = pytest.mark.usefixtures("nova_dirs", "shared_module_cache", "no_leftover_processes")
 
 NOVA_AGENT = console_script("nova-agent", "agent.main")
 READY_TIMEOUT_S = 30.0
 EXIT_TIMEOUT_S = 15.0
-
-
-@pytest.fixture(scope="session")
-def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("module-cache")
-
-
-@pytest.fixture(autouse=True)
-def shared_module_cache(
-    nova_dirs: Path, module_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One compiled-module cache for the session, as on a user's host: each app compiles once.
-
-    (The metrics test sets its own, empty cache: it counts compiles.)
-    """
-    monkeypatch.setenv("NOVA_CACHE_DIR", str(module_cache))
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:

@@ -19,7 +19,7 @@ import wasmtime
 
 from nova import errors
 
-pytestmark = pytest.mark.usefixtures("nova_dirs", "no_leftover_processes")
+pytestmark = pytest.mark.usefixtures("nova_dirs", "shared_module_cache", "no_leftover_processes")
 
 BIN = Path(sys.executable).parent
 CLI_TIMEOUT_S = 60.0
@@ -71,19 +71,6 @@ def nova_many(*argvs: list[str | Path]) -> list[subprocess.CompletedProcess[str]
         subprocess.CompletedProcess(argv, proc.returncode, out, err)
         for argv, proc, (out, err) in zip(argvs, procs, outputs, strict=True)
     ]
-
-
-@pytest.fixture(scope="session")
-def module_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("module-cache")
-
-
-@pytest.fixture(autouse=True)
-def shared_module_cache(
-    nova_dirs: Path, module_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """One compiled-module cache for the session, as on a user's host: each app compiles once."""
-    monkeypatch.setenv("NOVA_CACHE_DIR", str(module_cache))
 
 
 def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
