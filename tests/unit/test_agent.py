@@ -46,15 +46,6 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 10.0) -> Non
         time.sleep(0.02)
 
 
-def socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-        return True
-
-
 class AgentProcess:
     """One `nova-agent --standalone` subprocess; its log is kept in a file."""
 
@@ -71,7 +62,7 @@ class AgentProcess:
 
     def wait_ready(self) -> AgentProcess:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not socket_answers(self.socket):
+        while not paths.socket_answers(self.socket):
             if self.proc.poll() is not None:
                 pytest.fail(f"nova-agent exited with {self.proc.returncode}:\n{self.output()}")
             if time.monotonic() > deadline:
@@ -489,7 +480,7 @@ def test_a_second_agent_fails_fast_and_leaves_the_first_alone(
     assert time.monotonic() - started < 10, "a refused agent should fail fast"
 
     assert agent.proc.poll() is None
-    assert socket_answers(agent.socket), "the refused agent removed the running agent's socket"
+    assert paths.socket_answers(agent.socket), "the refused agent removed the live agent's socket"
     assert nova("ps").returncode == 0
 
 
