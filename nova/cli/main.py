@@ -24,6 +24,7 @@ commands:
   logs     print a container's output
   stop     stop a running container
   rm       forget an exited container and delete its logs
+  image    push, list and inspect images in the cluster (Consul)
   doctor   report what this host supports (cgroups, BPF, VXLAN, nftables, ...)
 
 Run `nova COMMAND --help` for a command's options.
@@ -194,6 +195,10 @@ def build_parser() -> NovaArgumentParser:
         description="Report the kernel features and tools Nova uses on this host.",
     )
     doctor.add_argument("--json", action="store_true", help="print JSON")
+
+    from nova.cli import image
+
+    image.add_parser(commands)
     return parser
 
 
@@ -229,7 +234,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if command == "run" and "--" in rest:
         cut = rest.index("--")
         rest, guest = rest[:cut], rest[cut + 1 :]
-    args = subparsers[command].parse_intermixed_args(rest)
+    if command == "image":  # nested verbs: argparse cannot intermix those
+        args = subparsers[command].parse_args(rest)
+    else:
+        args = subparsers[command].parse_intermixed_args(rest)
     args.command = command
     args.socket = socket_path
     if command == "run":
@@ -251,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
             from nova import doctor
 
             return doctor.main(["--json"] if args.json else [])
+        if args.command == "image":
+            from nova.cli import image
+
+            return image.main(args)
         from nova.cli import commands
 
         return commands.dispatch(args)
