@@ -2,7 +2,8 @@
 
     GET    /v1/health                          liveness and identity
     GET    /metrics                            Prometheus exposition
-    POST   /v1/containers                      create + start   (body: see parse_create)
+    POST   /v1/containers                      create + start   (body: see parse_create;
+                                               {"image": REF} instead of "module" in a cluster)
     GET    /v1/containers[?all=1]              list (running, or all)
     GET    /v1/containers/{ref}                one container
     POST   /v1/containers/{ref}/stop[?grace=S] stop, return the final record
@@ -20,7 +21,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -35,9 +36,18 @@ from nova.units import parse_duration, parse_size
 
 log = logging.getLogger("nova.agent.api")
 
+
+class ClusterHooks(Protocol):
+    """What the API needs of an agent in a cluster (`nova-agent --consul`)."""
+
+    def describe(self) -> dict[str, Any]: ...
+    async def image_path(self, ref: str) -> str: ...
+
+
 MANAGER = web.AppKey("manager", ContainerManager)
 METRICS = web.AppKey("metrics", AgentMetrics)
 NODE = web.AppKey("node", str)
+CLUSTER = web.AppKey("cluster", ClusterHooks)
 
 _CREATE_FIELDS = {
     "module",
@@ -206,9 +216,12 @@ def _duration_field(value: Any) -> float | None:
 
 async def health(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    return web.json_response(
-        {"ok": True, "node": request.app[NODE], "pid": os.getpid(), "active": len(manager.list())}
-    )
+    body: dict[str, Any] = {
+        "ok": True, "node": request.app[NODE], "pid": os.getpid(), "active": len(manager.list())
+    }  # fmt: skip
+    if CLUSTER in request.app:
+        body["cluster"] = request.app[CLUSTER].describe()
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -222,8 +235,27 @@ async def create(request: web.Request) -> web.Response:
         body = await request.json()
     except ValueError:
         raise errors.UsageError("request body is not valid JSON") from None
+    if isinstance(body, dict) and "image" in body:
+        body = await _image_to_module(request.app, body)
     record = await request.app[MANAGER].create(parse_create(body), request_ns=request_ns)
     return web.json_response(record.summary(), status=201)
+
+
+async def _image_to_module(app: web.Application, body: dict[str, Any]) -> dict[str, Any]:
+    """`{"image": REF}` -> `{"module": <the fetched, verified file>}`; needs --consul."""
+    ref = body.pop("image")
+    if "module" in body:
+        raise errors.UsageError("give either 'module' or 'image', not both")
+    if not isinstance(ref, str):
+        raise errors.UsageError(f"invalid image {ref!r}: expected NAME:TAG or sha256:…")
+    if CLUSTER not in app:
+        raise errors.UsageError(
+            "images live in the cluster: this agent runs --standalone; "
+            "start it with --consul URL (or run a .wasm file)"
+        )
+    body["module"] = await app[CLUSTER].image_path(ref)
+    body.setdefault("argv", [ref.partition(":")[0] if not ref.startswith("sha256:") else "app"])
+    return body
 
 
 async def list_containers(request: web.Request) -> web.Response:
@@ -276,8 +308,16 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def make_app(*, manager: ContainerManager, metrics_: AgentMetrics, node: str) -> web.Application:
+def make_app(
+    *,
+    manager: ContainerManager,
+    metrics_: AgentMetrics,
+    node: str,
+    cluster: ClusterHooks | None = None,
+) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
+    if cluster is not None:
+        app[CLUSTER] = cluster
     app[MANAGER] = manager
     app[METRICS] = metrics_
     app[NODE] = node
