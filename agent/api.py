@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -254,7 +255,10 @@ async def _image_to_module(app: web.Application, body: dict[str, Any]) -> dict[s
             "start it with --consul URL (or run a .wasm file)"
         )
     body["module"] = await app[CLUSTER].image_path(ref)
-    body.setdefault("argv", [ref.partition(":")[0] if not ref.startswith("sha256:") else "app"])
+    stem = "app" if ref.startswith("sha256:") else ref.partition(":")[0]
+    body.setdefault("argv", [stem])
+    if not body.get("name"):
+        body["name"] = f"{stem}-{secrets.token_hex(3)}"
     return body
 
 

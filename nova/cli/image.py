@@ -134,5 +134,12 @@ async def _inspect(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
+def image_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The create request of `nova run --image REF [ARGS]` (the agent fetches REF)."""
+    ref = ImageRef.parse(args.image, what="--image")
+    guest = [args.module, *args.args] if args.module else list(args.args)
+    return {"image": str(ref), "argv": [ref.name or "app", *guest]}
+
+
 def vars_of(tag: Any) -> dict[str, Any]:
     return {"name": tag.name, "tag": tag.tag, "digest": tag.digest, "pushed_at": tag.pushed_at}

@@ -64,6 +64,7 @@ examples:
   nova run cat.wasm --dir ./data:/data:ro -- /data/notes.txt
   nova run --detach --name web --port 8080 handler.wasm
   nova run --cpu 500m --pids 16 --memory 64Mi cpu-spin.wasm -- 5
+  nova run --image web:1.0 -- arg1        (an agent with --consul fetches it)
 
 sizes: 64Mi, 1Gi, 500M, 1048576 (bytes). durations: 250ms, 5s, 2m.
 cpu: 500m (half a core), 0.25, 2 (cores).
@@ -106,7 +107,13 @@ def build_parser() -> NovaArgumentParser:
         epilog=RUN_EPILOG,
         formatter_class=raw,
     )
-    run.add_argument("module", metavar="MODULE", help="path of a .wasm file")
+    run.add_argument("module", metavar="MODULE", nargs="?", help="path of a .wasm file")
+    run.add_argument(
+        "--image",
+        metavar="NAME:TAG",
+        help="run an image from the cluster instead of MODULE (NAME:TAG or sha256:…; "
+        "needs an agent started with --consul)",
+    )
     run.add_argument("args", metavar="ARGS", nargs="*", help="arguments for the module (after --)")
     run.add_argument(
         "--name",
