@@ -50,9 +50,7 @@ def consul_get(agent: ConsulAgent, path: str) -> Any:
 
 
 def consul_put(agent: ConsulAgent, path: str, body: Any) -> Any:
-    request = urllib.request.Request(
-        agent.url + path, data=json.dumps(body).encode(), method="PUT"
-    )
+    request = urllib.request.Request(agent.url + path, data=json.dumps(body).encode(), method="PUT")
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read() or b"null")
 
@@ -242,8 +240,10 @@ def test_assignment_changes_start_restart_and_stop_exactly_what_changed(
     wait_for("two replicas", lambda: set(running()) == {r0, r1}, timeout=20)
     wait_for(
         "their status",
-        lambda: {k: v["state"] for k, v in statuses(consul_agent, node).items()}
-        == {r0: "running", r1: "running"},
+        lambda: (
+            {k: v["state"] for k, v in statuses(consul_agent, node).items()}
+            == {r0: "running", r1: "running"}
+        ),
     )
     before = running()
     assert statuses(consul_agent, node)[r0]["container_id"] == before[r0]["id"]
@@ -274,8 +274,10 @@ def test_assignment_changes_start_restart_and_stop_exactly_what_changed(
     )
     wait_for(
         "r1's status to show generation 2",
-        lambda: statuses(consul_agent, node)[r1]["generation"] == 2
-        and statuses(consul_agent, node)[r1]["container_id"] == after[r1]["id"],
+        lambda: (
+            statuses(consul_agent, node)[r1]["generation"] == 2
+            and statuses(consul_agent, node)[r1]["container_id"] == after[r1]["id"]
+        ),
     )
     # Restarts do not pile up records: one container per replica is kept.
     assert sorted(r["name"] for r in listing()).count(flaky) == 1
@@ -314,6 +316,13 @@ def test_a_restarted_agent_adopts_its_replicas_without_duplicates(
     assert {name: r["id"] for name, r in running().items()} == before
     assert len(listing()) == 2
     assert {k: v["container_id"] for k, v in statuses(consul_agent, node).items()} == before
+
+    # A document the agent cannot read changes nothing: the last good one holds.
+    op = {"KV": {"Verb": "set", "Key": f"nova/v1/assignments/{node}",
+                 "Value": base64.b64encode(b'{"containers": 5}').decode()}}  # fmt: skip
+    assert not consul_put(consul_agent, "/v1/txn", [op]).get("Errors")
+    time.sleep(0.5)
+    assert {name: r["id"] for name, r in running().items()} == before
     stop_everything(consul_agent, node)
 
 
@@ -362,8 +371,10 @@ def test_consul_down_keeps_containers_running_and_status_catches_up(
     assert nova("stop", "default.sl.1").returncode == 0
     wait_for(
         "default.sl.1 to run again",
-        lambda: "default.sl.1" in (now := running())
-        and int(now["default.sl.1"]["pid"]) != pids["default.sl.1"],
+        lambda: (
+            "default.sl.1" in (now := running())
+            and int(now["default.sl.1"]["pid"]) != pids["default.sl.1"]
+        ),
         timeout=15,
     )
     assert process_alive(pids["default.sl.0"])
@@ -386,3 +397,25 @@ def test_consul_down_keeps_containers_running_and_status_catches_up(
     assert int(running()["default.sl.0"]["pid"]) == pids["default.sl.0"]
     assert nova("ps").stderr == ""
     stop_everything(consul, node)
+
+
+# -- nova run --image ---------------------------------------------------------------------
+
+
+def test_nova_run_image_fetches_verifies_and_runs(
+    consul_agent: ConsulAgent, start_agent: Any, node: str, examples: Path
+) -> None:
+    name = f"hello-{node}"
+    module = examples / "hello.wasm"
+    pushed = nova("image", "push", f"{name}:1", module, "--consul", consul_agent.url)
+    assert pushed.returncode == 0, pushed.stderr
+    digest = pushed.stdout.strip()
+    start_agent(consul_agent, node)
+    by_tag = nova("run", "--image", f"{name}:1", "-e", "NAME=cluster", "--", "a")
+    assert (by_tag.returncode, by_tag.stderr) == (0, "")
+    assert by_tag.stdout == "hello from wasm, cluster\narg[1]=a\n"
+    by_digest = nova("run", "--image", digest, "-e", "NAME=digest")
+    assert (by_digest.returncode, by_digest.stdout) == (0, "hello from wasm, digest\n")
+    missing = nova("run", "--image", f"{name}:2")
+    assert missing.returncode == 127
+    assert f"no image {name}:2 in the cluster" in missing.stderr
