@@ -353,7 +353,7 @@ def test_consul_down_keeps_containers_running_and_status_catches_up(
 ) -> None:
     consul = persistent_consul
     digest = push_image(consul, examples / "sleep.wasm")
-    start_agent(consul, node)
+    first = start_agent(consul, node)
     replicas = {f"default.sl.{i}": replica(digest, i, "60") for i in range(2)}
     assign(consul, node, replicas)
     wait_for("two replicas", lambda: set(running()) == set(replicas), timeout=20)
@@ -379,6 +379,16 @@ def test_consul_down_keeps_containers_running_and_status_catches_up(
     )
     assert process_alive(pids["default.sl.0"])
     new_id = running()["default.sl.1"]["id"]
+
+    # An agent restarted while Consul is away adopts and keeps everything.
+    first.end()
+    start_agent(consul, node)
+    time.sleep(0.5)
+    assert {n: r["id"] for n, r in running().items()} == {
+        "default.sl.0": running()["default.sl.0"]["id"],
+        "default.sl.1": new_id,
+    }
+    assert int(running()["default.sl.0"]["pid"]) == pids["default.sl.0"]
 
     consul.start()
     wait_for("the store to answer again", lambda: health()["cluster"]["store"] == "available",
