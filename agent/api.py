@@ -9,6 +9,7 @@
     GET    /v1/containers/{ref}/wait           block until it exits
     GET    /v1/containers/{ref}/logs?stream=stdout|stderr&follow=1
     DELETE /v1/containers/{ref}                forget an exited container
+    /v1/volumes...                             encrypted volumes (agent/volumes_api.py)
 
 Errors are JSON: {"error": "<one line for users>", "kind": "<class>", "exit_code": N}.
 """
@@ -25,8 +26,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent import volumes_api
 from agent.containers import Conflict, ContainerManager, NotFound
 from agent.isolation.cgroups import parse_millicores
+from agent.isolation.volumes import VolumeManager
 from agent.metrics import AgentMetrics
 from agent.sandbox.spec import DirMount, Isolation, RunSpec
 from nova import errors
@@ -52,6 +55,8 @@ _CREATE_FIELDS = {
     "cpu",
     "pids",
     "isolation",
+    "namespace",
+    "volumes",
 }
 
 # Names travel in API paths and appear in `nova ps`: keep them to a safe alphabet.
@@ -139,6 +144,7 @@ def parse_create(body: Any) -> RunSpec:
     if not isinstance(isolation_text, str):
         raise errors.UsageError(f"invalid isolation {isolation_text!r}: expected auto or none")
     isolation = Isolation.parse(isolation_text)
+    namespace, volumes = volumes_api.parse_run_fields(body)
     if isolation is Isolation.NONE and (cpu is not None or pids is not None):
         raise errors.UsageError(
             "cpu and pids limits need a cgroup, and isolation 'none' has none: "
@@ -160,6 +166,8 @@ def parse_create(body: Any) -> RunSpec:
         cpu_millicores=cpu,
         pids_max=pids,
         isolation=isolation,
+        namespace=namespace,
+        volumes=volumes,
     )
 
 
@@ -222,7 +230,8 @@ async def create(request: web.Request) -> web.Response:
         body = await request.json()
     except ValueError:
         raise errors.UsageError("request body is not valid JSON") from None
-    record = await request.app[MANAGER].create(parse_create(body), request_ns=request_ns)
+    spec = await volumes_api.resolve_run(request.app, parse_create(body))
+    record = await request.app[MANAGER].create(spec, request_ns=request_ns)
     return web.json_response(record.summary(), status=201)
 
 
@@ -276,8 +285,14 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def make_app(*, manager: ContainerManager, metrics_: AgentMetrics, node: str) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+def make_app(
+    *,
+    manager: ContainerManager,
+    metrics_: AgentMetrics,
+    node: str,
+    volumes: VolumeManager | None = None,
+) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, volumes_api.error_middleware])
     app[MANAGER] = manager
     app[METRICS] = metrics_
     app[NODE] = node
@@ -290,6 +305,7 @@ def make_app(*, manager: ContainerManager, metrics_: AgentMetrics, node: str) ->
     app.router.add_get("/v1/containers/{ref}/wait", wait_container)
     app.router.add_get("/v1/containers/{ref}/logs", container_logs)
     app.router.add_delete("/v1/containers/{ref}", remove_container)
+    volumes_api.register(app, volumes)
     return app
 
 

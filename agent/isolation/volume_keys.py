@@ -50,7 +50,13 @@ class LocalMasterKey:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._aead = AESGCM(self._load_or_create())
+        self._cipher: AESGCM | None = None  # loaded (or made) on first use
+
+    @property
+    def _aead(self) -> AESGCM:
+        if self._cipher is None:
+            self._cipher = AESGCM(self._load_or_create())
+        return self._cipher
 
     def _load_or_create(self) -> bytes:
         try:

@@ -48,10 +48,10 @@ def test_a_wrapped_key_opens_only_for_its_namespace_and_master_key(tmp_path: Pat
 
 
 def test_a_master_key_readable_by_others_is_refused(tmp_path: Path) -> None:
-    LocalMasterKey(tmp_path / "master.key")
+    blob = LocalMasterKey(tmp_path / "master.key").wrap(b"k" * 64, b"nvta")
     os.chmod(tmp_path / "master.key", 0o644)
     with pytest.raises(VolumeKeyError, match="readable by others"):
-        LocalMasterKey(tmp_path / "master.key")
+        LocalMasterKey(tmp_path / "master.key").unwrap(blob, b"nvta")
 
 
 def test_mountinfo_gives_sources_and_unescaped_mount_points() -> None:
