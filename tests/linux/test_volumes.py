@@ -33,18 +33,20 @@ SIZE = 16 << 20
 NS_A, NS_B = "nvta", "nvtb"
 
 
-def _ours(tmp: Path) -> tuple[list[loopdev.Mount], list[loopdev.Loop]]:
+def volume_leftovers(tmp: Path) -> tuple[list[loopdev.Mount], list[loopdev.Loop]]:
+    """Mounts and loop devices whose paths are under `tmp`: what a test made."""
     root = str(tmp.resolve())
     mounts = [m for m in loopdev.mounts() if m.mount_point.startswith(root + "/")]
     loops = [lo for lo in loopdev.loops() if lo.backing_file.startswith(root + "/")]
     return mounts, loops
 
 
-def _force_cleanup(tmp: Path) -> None:
-    mounts, _ = _ours(tmp)
+def force_cleanup(tmp: Path) -> None:
+    """Unmount and detach what `volume_leftovers` finds, without the code under test."""
+    mounts, _ = volume_leftovers(tmp)
     for mount in sorted(mounts, key=lambda m: -len(m.mount_point)):
         subprocess.run(["umount", "-l", mount.mount_point], check=False)
-    for loop in _ours(tmp)[1]:
+    for loop in volume_leftovers(tmp)[1]:
         subprocess.run(["losetup", "-d", loop.device], check=False)
 
 
@@ -54,11 +56,11 @@ def state(tmp_path: Path) -> Iterator[Path]:
     try:
         with contextlib.suppress(Exception):
             VolumeManager(tmp_path / "state").teardown()
-        mounts, loops = _ours(tmp_path)
+        mounts, loops = volume_leftovers(tmp_path)
         assert not mounts and not loops, f"teardown left {mounts} {loops}"
         assert not (tmp_path / "state" / "volumes").exists()
     finally:
-        _force_cleanup(tmp_path)
+        force_cleanup(tmp_path)
 
 
 @pytest.fixture
@@ -128,7 +130,7 @@ def test_reopened_after_unmount_with_a_new_manager(state: Path, volumes: VolumeM
     _write(volume.data_path / "kept.txt", "survives a restart")
     volumes.close_all()
     assert volumes.get(NS_A, "nvt-data").state == "detached"
-    assert not _ours(state.parent)[0] and not _ours(state.parent)[1]
+    assert not volume_leftovers(state.parent)[0] and not volume_leftovers(state.parent)[1]
     report = VolumeManager(state).recover()  # what the agent does when it starts
     assert report.opened == [f"{NS_A}/nvt-data"] and not report.failed
     assert (volume.data_path / "kept.txt").read_text() == "survives a restart"
@@ -173,7 +175,7 @@ def test_remove_refuses_while_in_use_then_removes_everything(
         assert held.read() == "in use"
     volumes.remove(NS_A, "nvt-data")
     assert volumes.list() == []
-    assert not _ours(state.parent)[0] and not _ours(state.parent)[1]
+    assert not volume_leftovers(state.parent)[0] and not volume_leftovers(state.parent)[1]
     assert not volume.image.exists() and not volume.mount_point.exists()
     assert volumes.keys.get(NS_A) is None  # its last volume: the key is shredded too
     with pytest.raises(VolumeNotFound):
