@@ -10,6 +10,7 @@
     GET    /v1/containers/{ref}/wait           block until it exits
     GET    /v1/containers/{ref}/logs?stream=stdout|stderr&follow=1
     DELETE /v1/containers/{ref}                forget an exited container
+    /v1/volumes...                             encrypted volumes (agent/volumes_api.py)
 
 Errors are JSON: {"error": "<one line for users>", "kind": "<class>", "exit_code": N}.
 """
@@ -27,8 +28,10 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent import volumes_api
 from agent.containers import Conflict, ContainerManager, NotFound
 from agent.isolation.cgroups import parse_millicores
+from agent.isolation.volumes import VolumeManager
 from agent.metrics import AgentMetrics
 from agent.sandbox.spec import DirMount, Isolation, RunSpec
 from nova import errors
@@ -63,6 +66,8 @@ _CREATE_FIELDS = {
     "cpu",
     "pids",
     "isolation",
+    "namespace",
+    "volumes",
 }
 
 # Names travel in API paths and appear in `nova ps`: keep them to a safe alphabet.
@@ -150,6 +155,7 @@ def parse_create(body: Any) -> RunSpec:
     if not isinstance(isolation_text, str):
         raise errors.UsageError(f"invalid isolation {isolation_text!r}: expected auto or none")
     isolation = Isolation.parse(isolation_text)
+    namespace, volumes = volumes_api.parse_run_fields(body)
     if isolation is Isolation.NONE and (cpu is not None or pids is not None):
         raise errors.UsageError(
             "cpu and pids limits need a cgroup, and isolation 'none' has none: "
@@ -171,6 +177,8 @@ def parse_create(body: Any) -> RunSpec:
         cpu_millicores=cpu,
         pids_max=pids,
         isolation=isolation,
+        namespace=namespace,
+        volumes=volumes,
     )
 
 
@@ -238,7 +246,8 @@ async def create(request: web.Request) -> web.Response:
         raise errors.UsageError("request body is not valid JSON") from None
     if isinstance(body, dict) and "image" in body:
         body = await _image_to_module(request.app, body)
-    record = await request.app[MANAGER].create(parse_create(body), request_ns=request_ns)
+    spec = await volumes_api.resolve_run(request.app, parse_create(body))
+    record = await request.app[MANAGER].create(spec, request_ns=request_ns)
     return web.json_response(record.summary(), status=201)
 
 
@@ -318,8 +327,9 @@ def make_app(
     metrics_: AgentMetrics,
     node: str,
     cluster: ClusterHooks | None = None,
+    volumes: VolumeManager | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware, volumes_api.error_middleware])
     if cluster is not None:
         app[CLUSTER] = cluster
     app[MANAGER] = manager
@@ -334,6 +344,7 @@ def make_app(
     app.router.add_get("/v1/containers/{ref}/wait", wait_container)
     app.router.add_get("/v1/containers/{ref}/logs", container_logs)
     app.router.add_delete("/v1/containers/{ref}", remove_container)
+    volumes_api.register(app, volumes)
     return app
 
 

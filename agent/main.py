@@ -29,6 +29,7 @@ from agent.isolation.cgroups.base import check_root_name
 from agent.metrics import AgentMetrics
 from agent.sandbox.cgroups import SandboxCgroups
 from agent.sandbox.runtime import SandboxRuntime
+from agent.volumes_api import open_volumes
 from nova import errors, paths
 from nova.store import Store, open_store
 
@@ -60,6 +61,7 @@ files:
   /var/lib/nova/containers  per-container logs and results
   /var/lib/nova/cache       compiled modules (NOVA_CACHE_DIR)
   /sys/fs/cgroup/.../nova   container cgroups, root only (NOVA_CGROUP_ROOT)
+  /var/lib/nova/volumes     encrypted volumes and their wrapped keys, root only
   (non-root users get XDG directories instead; see docs/cli.md)
 
 examples:
@@ -175,6 +177,7 @@ class Agent:
         if paths.socket_answers(self.socket_path):  # fail before starting anything
             raise errors.NovaError(f"{self.socket_path} is in use by a running agent")
         cgroups = await asyncio.to_thread(self._cgroups)
+        volumes = await asyncio.to_thread(open_volumes, self.state_dir)
         store = open_store(str(self.state_dir / "state.db"))
         await store.open()
         runtime = SandboxRuntime(
@@ -200,7 +203,13 @@ class Agent:
                 cluster = self._cluster(manager, store, metrics)
                 await cluster.start()
             await self._serve_socket(
-                make_app(manager=manager, metrics_=metrics, node=self.args.node, cluster=cluster)
+                make_app(
+                    manager=manager,
+                    metrics_=metrics,
+                    node=self.args.node,
+                    cluster=cluster,
+                    volumes=volumes,
+                )
             )
             if self.args.metrics_address:
                 await self._serve_tcp(make_metrics_app(metrics), self.args.metrics_address)

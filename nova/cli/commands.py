@@ -30,6 +30,12 @@ def dispatch(args: argparse.Namespace) -> int:
                     f"--image needs an agent started with --consul, and none answers at "
                     f"{socket_path}"
                 )
+            if body.get("volumes"):
+                raise errors.AgentUnavailable(
+                    f"--volume needs a running agent (it keeps the volumes and their keys), "
+                    f"and none answers at {socket_path}; start one with "
+                    "`nova-agent --standalone` as root"
+                )
             if args.detach:
                 raise errors.AgentUnavailable(
                     f"--detach needs a running agent, and none answers at {socket_path}; "
@@ -56,6 +62,7 @@ def _create_body(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not name:
             raise errors.UsageError(f"invalid --env {item!r}: expected NAME=VALUE")
         env[name] = value
+    body: dict[str, Any]
     if args.image:
         from nova.cli.image import image_body
 
@@ -69,6 +76,9 @@ def _create_body(args: argparse.Namespace) -> dict[str, Any]:
         }
     body["env"] = env
     body["dirs"] = [_check_dir(d) for d in args.dir]
+    if args.volume or args.namespace != "default":
+        body["namespace"] = args.namespace
+        body["volumes"] = [_check_volume(v) for v in args.volume]
     if args.name:
         body["name"] = args.name
     if args.memory is not None:
@@ -122,6 +132,13 @@ def _check_dir(text: str) -> str:
     if not os.path.isdir(mount.host):
         raise errors.UsageError(f"invalid --dir {text!r}: {mount.host} is not a directory")
     return f"{os.path.abspath(mount.host)}:{mount.guest}{':ro' if mount.read_only else ''}"
+
+
+def _check_volume(text: str) -> str:
+    from agent.sandbox.spec import VolumeMount
+
+    VolumeMount.parse(text)  # the syntax here; the agent checks that the volume exists
+    return text
 
 
 async def _run_via_agent(socket_path: Path, body: dict[str, Any], *, detach: bool) -> int:
