@@ -46,12 +46,14 @@ class Rule:
     identities: frozenset[int]  # peer identities allowed
     cidrs: tuple[IPv4Network, ...]  # peer prefixes allowed, excepts already removed
     ports: tuple[PortMatch, ...]  # empty: every protocol and port
+    index: int = 0  # position of the rule in its policy's ingress/egress list (`nova policy test`)
 
 
 @dataclass(frozen=True, slots=True)
 class DirectionTable:
     isolated: bool  # False: no policy selects the endpoint for this direction -> allow all
     rules: tuple[Rule, ...]  # when isolated: allowed = union of rules; everything else dropped
+    policies: tuple[str, ...] = ()  # "<ns>/<name>" of the policies isolating it (sorted)
 
 
 @dataclass(frozen=True, slots=True)
