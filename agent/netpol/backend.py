@@ -82,7 +82,7 @@ def deny_counter_name(entry: EndpointTables, table: DirectionTable) -> str:
     compiler says which (`DirectionTable.policies`), else the first policy with
     a rule there, else `<namespace>/(default-deny)`.
     """
-    policies: tuple[str, ...] = getattr(table, "policies", ())
+    policies = table.policies
     if policies:
         return policies[0]
     if table.rules:

@@ -147,7 +147,8 @@ class EbpfBackend(api.PolicyBackend):
         try:
             bpf = BPF(src_file=str(SOURCE), cflags=["-Wno-macro-redefined"])
             progs = {
-                name: bpf.load_func(name, BPF.SCHED_CLS) for name in (PROG_FROM_CTR, PROG_TO_CTR)
+                name: bpf.load_func(name.encode(), BPF.SCHED_CLS)
+                for name in (PROG_FROM_CTR, PROG_TO_CTR)
             }
         except Exception as exc:  # bcc raises bare Exception for compile/verifier errors
             raise api.PolicyBackendError(self.name, "load", str(SOURCE), str(exc)) from exc
@@ -272,7 +273,7 @@ class EbpfBackend(api.PolicyBackend):
         return table.Key(key), leaf
 
     def _write(self, name: str, new: Mapping[Any, Any], current: dict[Any, Any], kv: Any) -> None:
-        table = self._bpf[name]
+        table = self._bpf[name.encode()]
         for key, value in new.items():
             if current.get(key) != value:
                 k, v = kv(table, key, value)
@@ -285,7 +286,7 @@ class EbpfBackend(api.PolicyBackend):
     def _delete_stale(
         self, name: str, new: Mapping[Any, Any], current: dict[Any, Any], kv: Any
     ) -> None:
-        table = self._bpf[name]
+        table = self._bpf[name.encode()]
         for key in [k for k in current if k not in new]:
             k, _ = kv(table, key, current[key])
             with contextlib.suppress(KeyError):
@@ -349,7 +350,7 @@ class EbpfBackend(api.PolicyBackend):
     # -- counters ----------------------------------------------------------------------
 
     def _read_counters(self) -> dict[str, tuple[int, int]]:
-        table = self._bpf["nova_counters_v1"]
+        table = self._bpf[b"nova_counters_v1"]
         out: dict[str, tuple[int, int]] = {}
         for name, slot in self._slots.items():
             per_cpu = table[table.Key(slot)]

@@ -178,8 +178,15 @@ def transaction(
             policy_chains[policy] = chain
             add("chain", name=chain)
             add("rule", chain=chain, expr=[{"counter": counters.object(policy)}, {"return": None}])
-        return chain
+        return policy_chains[policy]
 
+    # Every policy chain before any map whose elements go to it (nft -j refuses
+    # the transaction otherwise, with ENOENT).
+    for key in sorted(k for k in compiled.endpoints if k in ports):
+        entry = compiled.endpoints[key]
+        for dtable in (entry.ingress, entry.egress):
+            for rule in dtable.rules if dtable.isolated else ():
+                policy_chain(rule.policy)
     dispatch: dict[str, list[Any]] = {"ingress": [], "egress": []}
     for n, key in enumerate(sorted(k for k in compiled.endpoints if k in ports)):
         entry = compiled.endpoints[key]

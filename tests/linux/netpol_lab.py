@@ -207,26 +207,28 @@ class Lab:
 
     # -- reachability ---------------------------------------------------------------
 
-    def matrix(
-        self, protocol: int, port: int, *, timeout: float = 0.4
-    ) -> dict[tuple[str, str], bool]:
-        """(from, to) -> whether a probe got its echo back, for every ordered pair of pods.
+    def matrices(
+        self, probes: Iterable[tuple[int, int]], *, timeout: float = 0.25
+    ) -> dict[tuple[int, int], dict[tuple[str, str], bool]]:
+        """For each (protocol, port): (from, to) -> whether a probe got its echo back,
+        for every ordered pair of distinct pods, all probed at once.
 
-        Probes that fail are tried once more with a longer timeout, so a slow
+        Probes that fail are tried once more with twice the timeout, so a slow
         machine does not turn an allowed pair into a denied one.
         """
-        proto = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}[protocol]
-        result: dict[tuple[str, str], bool] = {}
+        names = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
+        wanted = list(probes)
+        result: dict[tuple[int, int, str, str], bool] = {}
         for wait in (timeout, 2 * timeout):
-            pending = [
-                (s, d) for s in self.pods for d in self.pods if s != d and not result.get((s, d))
-            ]
-            by_source: dict[str, list[str]] = {}
-            for s, d in pending:
-                by_source.setdefault(s, []).append(d)
-            # all sources at once: write every request, then read every answer
+            by_source: dict[str, list[tuple[int, int, str]]] = {}
+            for proto, port in wanted:
+                for s in self.pods:
+                    for d in self.pods:
+                        if s != d and not result.get((proto, port, s, d)):
+                            by_source.setdefault(s, []).append((proto, port, d))
+            # every source at once: write all requests, then read all answers
             for s, targets in by_source.items():
-                req = [(proto, str(self.pods[d].address), port, wait) for d in targets]
+                req = [(names[pr], str(self.pods[d].address), po, wait) for pr, po, d in targets]
                 agent = self.pods[s].agent
                 assert agent is not None and agent.stdin
                 agent.stdin.write(json.dumps(req) + "\n")
@@ -235,8 +237,12 @@ class Lab:
                 agent = self.pods[s].agent
                 assert agent is not None and agent.stdout
                 answers = json.loads(_readline(agent.stdout, s))
-                result.update({(s, d): ok for d, ok in zip(targets, answers, strict=True)})
-        return result
+                for (pr, po, d), ok in zip(targets, answers, strict=True):
+                    result[pr, po, s, d] = ok
+        return {
+            (pr, po): {(s, d): ok for (p2, o2, s, d), ok in result.items() if (p2, o2) == (pr, po)}
+            for pr, po in wanted
+        }
 
 
 def expected_matrix(lab: Lab, rule: Callable[[Pod, Pod], bool]) -> dict[tuple[str, str], bool]:
