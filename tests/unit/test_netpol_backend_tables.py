@@ -145,6 +145,6 @@ def test_direction_maps_never_overlap() -> None:
         for i, e in enumerate(ports):  # no two elements share an (address, port) point
             for f in ports[i + 1 :]:
                 assert e[1] < f[0] or f[1] < e[0] or e[4] < f[3] or f[4] < e[3] or e[2] != f[2]
-        for i, e in enumerate(anys):
-            for f in anys[i + 1 :]:
-                assert e[1] < f[0] or f[1] < e[0]
+        for i, g in enumerate(anys):
+            for h in anys[i + 1 :]:
+                assert g[1] < h[0] or h[1] < g[0]
