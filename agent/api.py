@@ -9,6 +9,7 @@
     GET    /v1/containers/{ref}/wait           block until it exits
     GET    /v1/containers/{ref}/logs?stream=stdout|stderr&follow=1
     DELETE /v1/containers/{ref}                forget an exited container
+    GET    /v1/policies, POST /v1/policies/test network policy (agent/netpol/api.py)
 
 Errors are JSON: {"error": "<one line for users>", "kind": "<class>", "exit_code": N}.
 """
@@ -28,6 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent.containers import Conflict, ContainerManager, NotFound
 from agent.isolation.cgroups import parse_millicores
 from agent.metrics import AgentMetrics
+from agent.netpol.api import register_routes as register_policy_routes
+from agent.netpol.engine import PolicyEngine
 from agent.sandbox.spec import DirMount, Isolation, RunSpec
 from nova import errors
 from nova.store import StoreError
@@ -276,7 +279,13 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def make_app(*, manager: ContainerManager, metrics_: AgentMetrics, node: str) -> web.Application:
+def make_app(
+    *,
+    manager: ContainerManager,
+    metrics_: AgentMetrics,
+    node: str,
+    policy_engine: PolicyEngine | None = None,
+) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[MANAGER] = manager
     app[METRICS] = metrics_
@@ -290,6 +299,7 @@ def make_app(*, manager: ContainerManager, metrics_: AgentMetrics, node: str) ->
     app.router.add_get("/v1/containers/{ref}/wait", wait_container)
     app.router.add_get("/v1/containers/{ref}/logs", container_logs)
     app.router.add_delete("/v1/containers/{ref}", remove_container)
+    register_policy_routes(app, policy_engine)  # /v1/policies, /v1/policies/test
     return app
 
 

@@ -11,6 +11,7 @@ import sys
 from typing import NoReturn
 
 from nova import errors
+from nova.cli import policy as policy_cli
 
 TOP_DESCRIPTION = """\
 Nova runs WebAssembly (WASI) programs as containers: each in its own sandboxed
@@ -25,6 +26,7 @@ commands:
   stop     stop a running container
   rm       forget an exited container and delete its logs
   doctor   report what this host supports (cgroups, BPF, VXLAN, nftables, ...)
+  policy   show and test network policy (status, test)
 
 Run `nova COMMAND --help` for a command's options.
 
@@ -194,6 +196,7 @@ def build_parser() -> NovaArgumentParser:
         description="Report the kernel features and tools Nova uses on this host.",
     )
     doctor.add_argument("--json", action="store_true", help="print JSON")
+    policy_cli.add_parser(commands)
     return parser
 
 
@@ -229,7 +232,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if command == "run" and "--" in rest:
         cut = rest.index("--")
         rest, guest = rest[:cut], rest[cut + 1 :]
-    args = subparsers[command].parse_intermixed_args(rest)
+    sub = subparsers[command]
+    # argparse cannot intermix with nested subcommands (`nova policy test ...`).
+    args = sub.parse_args(rest) if command == "policy" else sub.parse_intermixed_args(rest)
     args.command = command
     args.socket = socket_path
     if command == "run":
@@ -251,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             from nova import doctor
 
             return doctor.main(["--json"] if args.json else [])
+        if args.command == "policy":
+            return policy_cli.dispatch(args)
         from nova.cli import commands
 
         return commands.dispatch(args)

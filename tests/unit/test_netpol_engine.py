@@ -23,32 +23,20 @@ from agent.netpol.sources import DirectorySource, StoreSource, parse_store_value
 from agent.netpol.tables import IPPROTO_TCP, CompiledPolicy, Endpoint
 from agent.netpol.yamltree import PolicyError
 from nova.store import SqliteStore, keys
-from tests.unit.netpol_recording import RecordingBackend
+from tests.unit.netpol_helpers import (
+    ALLOW_B_TO_A,
+    BAD,
+    DENY_A,
+    DENY_B_EGRESS,
+    A,
+    B,
+    C,
+    RecordingBackend,
+    policy_yaml,
+    write_atomically,
+)
 
 LOOSE_S = 1.0  # the engine's own budget is 100 ms; CI machines are noisy
-
-A = Endpoint("ep-a", IPv4Address("10.0.1.1"), "x", {"pod": "a"}, "npc-xa")
-B = Endpoint("ep-b", IPv4Address("10.0.1.2"), "x", {"pod": "b"}, "npc-xb")
-C = Endpoint("ep-c", IPv4Address("10.0.2.3"), "y", {"pod": "c"}, "npc-yc")
-
-
-def policy_yaml(name: str, spec: str, namespace: str = "x") -> str:
-    return (
-        "apiVersion: nova.sh/v1\nkind: NetworkPolicy\n"
-        f"metadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n{spec}"
-    )
-
-
-DENY_A = policy_yaml("deny-a", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n")
-ALLOW_B_TO_A = policy_yaml(
-    "allow-b",
-    "  podSelector: {matchLabels: {pod: a}}\n"
-    "  ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]\n",
-)
-DENY_B_EGRESS = policy_yaml(
-    "deny-b", "  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Egress]\n"
-)
-BAD = policy_yaml("bad", "  podSelector: {}\n  ingress:\n    - ports: [{port: 70000}]\n")
 
 
 def isolated(key: str, direction: str = "ingress") -> Callable[[CompiledPolicy], bool]:
@@ -85,13 +73,6 @@ async def enforced(
         if time.monotonic() > deadline:
             raise AssertionError(f"not enforced within {timeout}s; last: {backend.applied[-1:]}")
         await asyncio.sleep(0.002)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """How editors and config tools replace a file: a hidden temp file, then rename."""
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temp.write_text(text)
-    os.rename(temp, path)
 
 
 @pytest.fixture
