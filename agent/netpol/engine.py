@@ -318,7 +318,15 @@ class PolicyEngine:
             await self._dirty.wait()
             await asyncio.sleep(self._debounce_s)
             self._dirty.clear()
-            if await self._apply_once():
+            try:
+                applied = await self._apply_once()
+            except Exception:  # a bug: log it whole, keep the last state, keep the loop alive
+                log.exception("policy compile/apply failed unexpectedly")
+                self._state.error, self._state.error_at = "internal error; see the log", time.time()
+                if self.metrics is not None:
+                    self.metrics.errors.labels("apply").inc()
+                applied = False
+            if applied:
                 delay = self._retry_s
             else:
                 await asyncio.sleep(delay)

@@ -52,6 +52,8 @@ def documents(text: str, source: str) -> Iterator[Field]:
         raise PolicyError(source, line, "", f"not valid YAML: {exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise PolicyError(source, 0, "", f"not valid YAML: {exc}") from None
+    except RecursionError:
+        raise PolicyError(source, 0, "", "not valid YAML: nested too deeply") from None
     for node in nodes:
         if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
             continue
@@ -128,7 +130,11 @@ class Field:
     def _scalar(self) -> Any:
         if not isinstance(self.node, ScalarNode):
             raise self.error(f"expected a single value, got {_describe(self.node)}")
-        return SafeConstructor().construct_object(self.node, deep=True)
+        try:
+            return SafeConstructor().construct_object(self.node, deep=True)
+        except yaml.YAMLError as exc:  # an unknown tag (`!foo`), a malformed !!int ...
+            problem = getattr(exc, "problem", None) or exc
+            raise self.error(f"cannot read this value: {problem}") from None
 
     def string(self) -> str:
         value = self._scalar()

@@ -312,6 +312,28 @@ async def test_a_failing_backend_keeps_retrying_and_reports(
     assert metric(registry, "nova_policy_errors_total", stage="apply") == 2
 
 
+async def test_an_unexpected_failure_does_not_stop_the_engine(
+    running: tuple[PolicyEngine, RecordingBackend],
+    policy_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, backend = running
+    real_apply = backend.apply
+    calls = 0
+
+    async def buggy_once(compiled: CompiledPolicy) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        await real_apply(compiled)
+
+    monkeypatch.setattr(backend, "apply", buggy_once)
+    write_atomically(policy_dir / "deny.yaml", DENY_A)
+    await enforced(backend, isolated("ep-a"), timeout=3.0)
+    assert calls >= 2
+
+
 async def test_status_and_metrics(
     running: tuple[PolicyEngine, RecordingBackend],
     policy_dir: Path,

@@ -362,6 +362,25 @@ def test_errors_name_file_line_field_and_reason(text: str, expected: str) -> Non
     assert expected in error_of(text)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            HEADER + "spec: {podSelector: {}, ingress: [{ports: [{port: !foo 80}]}]}\n",
+            "policies/web.yaml:5: spec.ingress[0].ports[0].port: cannot read this value: could "
+            "not determine a constructor for the tag '!foo'",
+        ),
+        (
+            HEADER + "spec: {podSelector: {a: !!python/object:os.system x}}\n",
+            "policies/web.yaml:5: spec.podSelector.a: cannot read this value",
+        ),
+        ("a: " + "[" * 5000, "policies/web.yaml: not valid YAML"),
+    ],
+)
+def test_hostile_yaml_is_a_policy_error(text: str, expected: str) -> None:
+    assert error_of(text).startswith(expected)
+
+
 def test_one_bad_document_rejects_the_whole_file() -> None:
     text = HEADER + "spec: {podSelector: {}}\n---\n" + HEADER + "spec: {podSelector: 1}\n"
     assert "policies/web.yaml:11: spec.podSelector: expected a mapping, got a number" in error_of(
