@@ -35,7 +35,7 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -96,6 +96,7 @@ class EbpfBackend(api.PolicyBackend):
     def __init__(self, *, link_prefix: str = "nvh", netns: str | None = None) -> None:
         self._link_prefix = link_prefix  # only links named so are ever adopted or cleaned
         self._netns = netns  # where the host veths live (None: this process's netns)
+        self._rtnl: Any = None
         self._bpf: Any = None
         self._progs: dict[str, Any] = {}
         self._lock = asyncio.Lock()
@@ -132,12 +133,19 @@ class EbpfBackend(api.PolicyBackend):
                 await asyncio.to_thread(self._detach_all)
             if self._bpf is not None:
                 self._bpf.cleanup()
+            if self._rtnl is not None:
+                self._rtnl.close()
+                self._rtnl = None
             self._bpf = None
             self._progs = {}
 
-    def _ipr(self) -> Any:
-        # pyroute2 opens a netns socket in a short-lived child: this process never setns()
-        return IPRoute() if self._netns is None else IPRoute(netns=self._netns)
+    @contextlib.contextmanager
+    def _ipr(self) -> Iterator[Any]:
+        """The backend's rtnetlink socket, opened once (opening one in another netns
+        costs a child process: pyroute2 makes it there, so this process never setns())."""
+        if self._rtnl is None:
+            self._rtnl = IPRoute() if self._netns is None else IPRoute(netns=self._netns)
+        yield self._rtnl
 
     # -- loading ---------------------------------------------------------------------
 

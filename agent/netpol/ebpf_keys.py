@@ -87,14 +87,12 @@ def rule_cidrs(compiled: CompiledPolicy) -> set[IPv4Network]:
 
 def cidrs_within(cidrs: Iterable[IPv4Network]) -> dict[IPv4Network, list[IPv4Network]]:
     """For each CIDR, the CIDRs of the set inside it (itself included). O(32 n)."""
-    present = set(cidrs)
-    inside: dict[IPv4Network, list[IPv4Network]] = {c: [] for c in present}
-    for cidr in present:
-        base = int(cidr.network_address)
-        for bits in range(cidr.prefixlen + 1):
-            mask = (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
-            outer = IPv4Network((base & mask, bits))
-            if outer in present:
+    present = {(int(c.network_address), c.prefixlen): c for c in cidrs}
+    inside: dict[IPv4Network, list[IPv4Network]] = {c: [] for c in present.values()}
+    for (base, length), cidr in present.items():
+        for bits in range(length + 1):
+            outer = present.get((base & ((0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF), bits))
+            if outer is not None:
                 inside[outer].append(cidr)
     return inside
 

@@ -19,8 +19,10 @@ endpoints.
 
 Agent restart: the tables stay in the kernel while the agent is away; the
 first apply of the new process replaces them in one transaction (never a gap).
-Counters are per table object and restart from zero when tables are replaced;
-the backend keeps the running totals in memory across its own applies.
+The first apply of a process replaces the tables (add, delete, add table in
+one transaction); later applies change them in place in one transaction
+(flush the rules, delete the maps, sets and chains the last apply made,
+add the new ones), so the named counter objects keep counting.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.netpol import backend as api
-from agent.netpol.nft_ruleset import Counters, transaction
+from agent.netpol.nft_ruleset import Counters, Made, in_place, made_by, transaction
 from agent.netpol.tables import CompiledPolicy
 
 log = logging.getLogger("nova.agent.netpol.nft")
@@ -48,9 +50,9 @@ class NftBackend(api.PolicyBackend):
         self._netns = netns
         self._lock = asyncio.Lock()
         self._counters = Counters()
-        self._totals: dict[str, tuple[int, int]] = {}
         self._bridges_changed: dict[str, str] = {}  # bridge -> nf_call_iptables before
         self._started = False
+        self._made: Made | None = None  # what the last applied transaction created
 
     # -- interface ---------------------------------------------------------------
 
@@ -65,21 +67,22 @@ class NftBackend(api.PolicyBackend):
                 raise api.PolicyBackendError(self.name, "apply", self._table, "not started")
             ports, missing = await self._host_ports(compiled)
             await self._enable_bridge_hooks(ports.values())
-            self._fold_counters(await self._read_counters())
             document = transaction(
                 compiled, table=self._table, ports=ports, counters=self._counters
             )
-            await self._nft(["-j", "-f", "-"], json.dumps(document), what="apply")
+            made = made_by(document)
+            if self._made is None:  # first apply of this process: replace whatever is there
+                await self._nft(["-j", "-f", "-"], json.dumps(document), what="apply")
+            else:  # keep the counter objects: change the tables in place
+                document = in_place(document, table=self._table, previous=self._made)
+                await self._nft(["-j", "-f", "-"], json.dumps(document), what="apply")
+            self._made = made
             if missing:
                 raise api.PolicyBackendError(self.name, "apply", "endpoints", "; ".join(missing))
 
     async def counters(self) -> Mapping[str, tuple[int, int]]:
         async with self._lock:
-            now = await self._read_counters()
-            return {
-                name: _add(self._totals.get(name, (0, 0)), now.get(name, (0, 0)))
-                for name in {*self._totals, *now}
-            }
+            return await self._read_counters()
 
     async def close(self, *, remove: bool) -> None:
         async with self._lock:
@@ -100,12 +103,9 @@ class NftBackend(api.PolicyBackend):
                 )
             self._bridges_changed.clear()
             self._started = False
+            self._made = None
 
     # -- internals ---------------------------------------------------------------
-
-    def _fold_counters(self, now: Mapping[str, tuple[int, int]]) -> None:
-        for name, value in now.items():
-            self._totals[name] = _add(self._totals.get(name, (0, 0)), value)
 
     async def _read_counters(self) -> dict[str, tuple[int, int]]:
         """Report name -> (allowed, denied) from the counter objects in the kernel now."""

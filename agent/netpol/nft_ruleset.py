@@ -390,3 +390,39 @@ def _bridge_table(
             }
         }
     }
+
+
+Made = list[tuple[str, str, str]]  # (kind "chain"|"map"|"set", family, name): non-base objects
+
+
+def made_by(document: Json) -> Made:
+    """The sets, maps and non-base chains `document` creates (what the next apply deletes)."""
+    out: Made = []
+    for cmd in document["nftables"]:
+        for kind in ("chain", "map", "set"):
+            body = cmd.get("add", {}).get(kind)
+            if body is not None and "hook" not in body:
+                out.append((kind, body["family"], body["name"]))
+    return out
+
+
+def in_place(document: Json, *, table: str, previous: Made) -> Json:
+    """`document` rewritten to change the existing tables instead of replacing them.
+
+    Same end state, still one transaction, but counter objects (and base
+    chains) survive, so counts never reset and need no reading per apply.
+    `previous` is what the last applied document made (`made_by`).
+    """
+    head: list[Json] = []
+    for family in ("inet", "bridge"):
+        head.append({"add": {"table": {"family": family, "name": table}}})
+        head.append({"flush": {"table": {"family": family, "name": table}}})
+    # maps and sets first: their elements refer to the chains deleted after them
+    for kind, family, name in sorted(previous, key=lambda m: m[0] == "chain"):
+        head.append({"delete": {kind: {"family": family, "table": table, "name": name}}})
+    rest = [
+        cmd
+        for cmd in document["nftables"]
+        if "table" not in cmd.get("add", {}) and "table" not in cmd.get("delete", {})
+    ]
+    return {"nftables": head + rest}
