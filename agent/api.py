@@ -11,6 +11,7 @@
     GET    /v1/containers/{ref}/logs?stream=stdout|stderr&follow=1
     DELETE /v1/containers/{ref}                forget an exited container
     /v1/volumes...                             encrypted volumes (agent/volumes_api.py)
+    GET    /v1/policies, POST /v1/policies/test network policy (agent/netpol/api.py)
 
 Errors are JSON: {"error": "<one line for users>", "kind": "<class>", "exit_code": N}.
 """
@@ -33,6 +34,8 @@ from agent.containers import Conflict, ContainerManager, NotFound
 from agent.isolation.cgroups import parse_millicores
 from agent.isolation.volumes import VolumeManager
 from agent.metrics import AgentMetrics
+from agent.netpol.api import register_routes as register_policy_routes
+from agent.netpol.engine import PolicyEngine
 from agent.sandbox.spec import DirMount, Isolation, RunSpec
 from nova import errors
 from nova.store import StoreError
@@ -328,6 +331,7 @@ def make_app(
     node: str,
     cluster: ClusterHooks | None = None,
     volumes: VolumeManager | None = None,
+    policy_engine: PolicyEngine | None = None,
 ) -> web.Application:
     app = web.Application(middlewares=[error_middleware, volumes_api.error_middleware])
     if cluster is not None:
@@ -345,6 +349,7 @@ def make_app(
     app.router.add_get("/v1/containers/{ref}/logs", container_logs)
     app.router.add_delete("/v1/containers/{ref}", remove_container)
     volumes_api.register(app, volumes)
+    register_policy_routes(app, policy_engine)  # /v1/policies, /v1/policies/test
     return app
 
 

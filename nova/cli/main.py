@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from nova import errors
 from nova.cli import volume
+from nova.cli import policy as policy_cli
 
 TOP_DESCRIPTION = """\
 Nova runs WebAssembly (WASI) programs as containers: each in its own sandboxed
@@ -28,6 +29,7 @@ commands:
   image    push, list and inspect images in the cluster (Consul)
   doctor   report what this host supports (cgroups, BPF, VXLAN, nftables, ...)
   volume   create, list and remove encrypted volumes (nova volume --help)
+  policy   show and test network policy (status, test)
 
 Run `nova COMMAND --help` for a command's options.
 
@@ -219,6 +221,7 @@ def build_parser() -> NovaArgumentParser:
 
     image.add_parser(commands)
     volume.add_parser(commands)
+    policy_cli.add_parser(commands)
     return parser
 
 
@@ -286,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             return image.main(args)
         if args.command == "volume":
             return volume.main(args)
+        if args.command == "policy":
+            return policy_cli.dispatch(args)
         from nova.cli import commands
 
         return commands.dispatch(args)
