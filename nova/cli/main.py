@@ -11,8 +11,8 @@ import sys
 from typing import NoReturn
 
 from nova import errors
-from nova.cli import volume
 from nova.cli import policy as policy_cli
+from nova.cli import volume
 
 TOP_DESCRIPTION = """\
 Nova runs WebAssembly (WASI) programs as containers: each in its own sandboxed
