@@ -5,7 +5,10 @@
                            deployments, and the leader's last placement pass
     GET  /v1/deployments   every deployment spec
     POST /v1/deployments   create or update one (body: a deployment without
-                           "generation"); 201 created, 200 updated or unchanged
+                           "generation"; without "digest", "image" NAME:TAG is
+                           resolved to the digest it names now); 201 created,
+                           200 updated or unchanged
+    DELETE /v1/deployments/{namespace}/{name}   remove one: its replicas stop
 
 Deployments are desired state, not leader writes: any coordinator stores
 them (compare-and-set on the key), and the leader's placement loop sees
@@ -25,6 +28,8 @@ from aiohttp import web
 from coordinator.leader import LeaderElection
 from coordinator.placer import Placer
 from coordinator.state import DeploymentSpec, RecordError
+from nova import errors
+from nova.images import ImageNotFound, ImageRef, resolve
 from nova.store import KVEntry, Store, StoreError, keys
 
 log = logging.getLogger("nova.coordinator.api")
@@ -46,6 +51,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except (RecordError, ValueError) as exc:
         return _error(400, str(exc))
+    except ImageNotFound as exc:
+        return _error(404, exc.message)
+    except errors.NovaError as exc:  # an invalid image reference, a corrupt tag
+        return _error(400, exc.message)
     except StoreError as exc:
         return _error(503, f"the store is unavailable: {exc}")
 
@@ -124,8 +133,13 @@ async def put_deployment(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         return _error(400, "the request body must be a JSON object")
     body.pop("generation", None)
-    spec = DeploymentSpec.from_json(body, "deployment")
     store = request.app[STORE]
+    if not body.get("digest"):
+        image = body.get("image")
+        if not isinstance(image, str) or not image:
+            raise RecordError("deployment: give an image (NAME:TAG or sha256:…)")
+        body["digest"] = await resolve(store, ImageRef.parse(image))
+    spec = DeploymentSpec.from_json(body, "deployment")
     for _ in range(5):  # compare-and-set; retry when another writer got there first
         current = await store.get(spec.key)
         generation = 1
@@ -147,6 +161,15 @@ async def put_deployment(request: web.Request) -> web.Response:
     return _error(409, f"deployment {spec.namespace}/{spec.name} keeps changing; try again")
 
 
+async def delete_deployment(request: web.Request) -> web.Response:
+    key = keys.deployment(request.match_info["namespace"], request.match_info["name"])
+    store = request.app[STORE]
+    if await store.get(key) is None:
+        return _error(404, f"no deployment {key.removeprefix(keys.DEPLOYMENTS)}")
+    await store.delete(key)
+    return web.json_response({"deleted": key.removeprefix(keys.DEPLOYMENTS)})
+
+
 def make_app(store: Store, election: LeaderElection, placer: Placer) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=1 << 20)
     app[STORE] = store
@@ -155,4 +178,5 @@ def make_app(store: Store, election: LeaderElection, placer: Placer) -> web.Appl
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/deployments", list_deployments)
     app.router.add_post("/v1/deployments", put_deployment)
+    app.router.add_delete("/v1/deployments/{namespace}/{name}", delete_deployment)
     return app

@@ -67,8 +67,8 @@ exit status:
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    except errors.UsageError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _listen(text: str) -> tuple[str, int]:

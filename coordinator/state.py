@@ -76,6 +76,7 @@ class DeploymentSpec:
     constraints: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    spread: str | None = None  # a node label (e.g. "zone") to spread replicas across
     generation: int = 1
 
     @classmethod
@@ -94,6 +95,12 @@ class DeploymentSpec:
             raise RecordError(f"{where}: image must be a string")
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise RecordError(f"{where}: args must be a list of strings")
+        spread = value.get("spread") or None
+        if spread is not None:
+            try:
+                keys.segment(spread, what="spread label")
+            except ValueError as exc:
+                raise RecordError(f"{where}: {exc}") from None
         return cls(
             namespace=namespace,
             name=name,
@@ -106,6 +113,7 @@ class DeploymentSpec:
             constraints=_str_map(value, "constraints", where),
             args=list(args),
             env=_str_map(value, "env", where),
+            spread=spread,
             generation=_int(value, "generation", where, minimum=1) if "generation" in value else 1,
         )
 
@@ -122,6 +130,7 @@ class DeploymentSpec:
             "constraints": self.constraints,
             "args": self.args,
             "env": self.env,
+            "spread": self.spread,
             "generation": self.generation,
         }
 
@@ -136,6 +145,7 @@ class DeploymentSpec:
             self.replicas,
             Resources(self.cpu_millicores, self.memory_bytes),
             tuple(Selector.equals(k, v) for k, v in sorted(self.constraints.items())),
+            self.spread,
         )
 
     def same_spec(self, other: DeploymentSpec) -> bool:
