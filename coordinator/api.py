@@ -143,6 +143,10 @@ async def put_deployment(request: web.Request) -> web.Response:
         return _error(400, "the request body must be a JSON object")
     body.pop("generation", None)
     store = request.app[STORE]
+    try:  # names first: a bad name is the error to report, whatever the image
+        keys.deployment(str(body.get("namespace", "")), str(body.get("name", "")))
+    except ValueError as exc:
+        raise RecordError(f"deployment: {exc}") from None
     if not body.get("digest"):
         image = body.get("image")
         if not isinstance(image, str) or not image:
