@@ -105,6 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a: the pure engine; b: end to end into Consul; ab: both (default)",
     )
     parser.add_argument(
+        "--e2e-timing",
+        default="1s,1.5s,300ms",
+        metavar="SESSION_TTL,CHECK_TTL,HEARTBEAT",
+        help="the coordinator's lease timing in part (b) (default: %(default)s, its defaults)",
+    )
+    parser.add_argument(
         "--e2e-strategy",
         choices=STRATEGIES,
         default="least-loaded",
@@ -342,9 +348,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from bench import placement_e2e
 
         print(f"(b) end to end into Consul: {args.containers:,} containers ...", flush=True)
+        timing = tuple(args.e2e_timing.split(","))
+        if len(timing) != 3:
+            raise common.BenchError("--e2e-timing: give SESSION_TTL,CHECK_TTL,HEARTBEAT")
         e2e = placement_e2e.measure(
-            args.nodes, args.containers, args.seed, args.e2e_strategy, args.fail_fraction
-        )
+            args.nodes, args.containers, args.seed, args.e2e_strategy, args.fail_fraction,
+            (timing[0], timing[1], timing[2]),
+        )  # fmt: skip
         body["part_b_end_to_end_consul"] = e2e
         body.setdefault("parameters", {}).update(
             {"nodes": args.nodes, "containers": args.containers, "seed": args.seed}
@@ -367,6 +377,9 @@ def _print_e2e(e2e: dict[str, Any]) -> None:
          again["failure_to_persisted_s"], f"{again['moved']:,} moved"],
     ]  # fmt: skip
     print(common.format_table(["phase", "seconds", "replicas"], rows))
+    print(
+        f"coordinator lease timing {e2e['coordinator_timing']}; lease lapses: {e2e['lease_lapses']}"
+    )
     print(
         f"coordinator RSS: {rss['idle']} MiB idle, {rss['peak']} MiB peak; "
         f"Consul RSS after: {e2e['consul_rss_mib_after']} MiB; "

@@ -173,11 +173,15 @@ async def verify(store: ConsulStore, expected: int, failed: set[str]) -> dict[st
     return {"assignment_keys": len(entries), "replicas": total, "assignment_mib": size / 2**20}
 
 
-def _start_coordinator(consul: ConsulDev, strategy: str, log: Path) -> tuple[Any, str]:
+def _start_coordinator(
+    consul: ConsulDev, strategy: str, timing: tuple[str, str, str], log: Path
+) -> tuple[Any, str]:
     port = free_port()
+    session_ttl, check_ttl, heartbeat = timing
     command = [sys.executable, "-m", "coordinator.main", "--consul", consul.url,
                "--listen", f"127.0.0.1:{port}", "--id", "bench-coordinator",
-               "--strategy", strategy, "--log-level", "warning"]  # fmt: skip
+               "--strategy", strategy, "--log-level", "warning", "--session-ttl", session_ttl,
+               "--check-ttl", check_ttl, "--heartbeat", heartbeat]  # fmt: skip
     with log.open("ab") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, cwd=common.REPO_ROOT
@@ -185,15 +189,24 @@ def _start_coordinator(consul: ConsulDev, strategy: str, log: Path) -> tuple[Any
     return process, f"http://127.0.0.1:{port}"
 
 
-def measure(
-    nodes: int, containers: int, seed: int, strategy: str, fail_fraction: float
+def measure(  # noqa: PLR0917 (the benchmark's parameters)
+    nodes: int,
+    containers: int,
+    seed: int,
+    strategy: str,
+    fail_fraction: float,
+    timing: tuple[str, str, str] = ("1s", "1.5s", "300ms"),
 ) -> dict[str, Any]:
     snapshot, requests = synthetic_cluster(nodes, containers, seed)
     specs, dropped = deployment_specs(requests)
     with ConsulDev() as consul:
-        return asyncio.run(
-            _measure(consul, snapshot, specs, dropped, containers, strategy, fail_fraction)
+        result = asyncio.run(
+            _measure(consul, snapshot, specs, dropped, containers, strategy, fail_fraction, timing)
         )
+    result["coordinator_timing"] = dict(
+        zip(("session_ttl", "check_ttl", "heartbeat"), timing, strict=True)
+    )
+    return result
 
 
 async def _measure(  # noqa: PLR0917 (one private call site)
@@ -204,6 +217,7 @@ async def _measure(  # noqa: PLR0917 (one private call site)
     containers: int,
     strategy: str,
     fail_fraction: float,
+    timing: tuple[str, str, str],
 ) -> dict[str, Any]:
     store = ConsulStore(consul.url, timeout=120.0)
     log = consul.dir / "coordinator.log"
@@ -212,7 +226,7 @@ async def _measure(  # noqa: PLR0917 (one private call site)
         started = time.monotonic()
         session = await register_nodes(store, snapshot)
         register_s = time.monotonic() - started
-        coordinator, api = _start_coordinator(consul, strategy, log)
+        coordinator, api = _start_coordinator(consul, strategy, timing, log)
         await asyncio.to_thread(wait_pass, api, coordinator, lambda last: True, 120.0)
         rss_idle = proc_mib(coordinator.pid)
 
@@ -236,6 +250,7 @@ async def _measure(  # noqa: PLR0917 (one private call site)
         )  # fmt: skip
         reschedule_s = moved_report["finished_at"] - t1
         peak = proc_mib(coordinator.pid, "VmHWM")
+        lost = log.read_text(errors="replace").count("stopped acting as leader")
         consul_rss = consul.rss_mib()
         checked = await verify(store, moved_report["replicas"], set(failing))
         return {
@@ -261,6 +276,7 @@ async def _measure(  # noqa: PLR0917 (one private call site)
             },
             "verified": checked,
             "coordinator_rss_mib": {"idle": rss_idle, "peak": peak},
+            "lease_lapses": lost,
             "consul_rss_mib_after": consul_rss,
         }
     except StoreError as exc:

@@ -111,10 +111,11 @@ class Placer:
 
     async def run(self, epoch: int) -> None:
         """Adopt, then place on every change, until cancelled (or no longer the leader)."""
-        if self.epoch is None or epoch != self.epoch + 1:
+        if self.epoch is None or epoch not in (self.epoch, self.epoch + 1):
             await self.adopt()
-        # else: we led the term just before this one (LockIndex grows by one per
-        # acquisition), so nobody else wrote: what we know is what is stored.
+        # else: the same term resumed (the lease lapsed, the key stayed ours) or
+        # we led the one just before (LockIndex grows by one per acquisition):
+        # nobody else wrote, so what we know is what is stored.
         self.epoch = epoch
         watchers = [
             asyncio.create_task(self._watch(prefix), name=f"placer-watch {prefix}")
