@@ -240,9 +240,14 @@ async def _measure(  # noqa: PLR0917 (one private call site)
         initial_s = report["finished_at"] - t0
         placed = report["replicas"]
 
-        failing = [n.name for n in snapshot.nodes[:: max(1, round(1 / fail_fraction))]]
+        failing_nodes = snapshot.nodes[:: max(1, round(1 / fail_fraction))]
+        failing = [n.name for n in failing_nodes]
         t1 = time.time()
-        await _gather_limited([store.release(keys.node(n), session) for n in failing], 64)
+        # As Consul releases a dead agent's key: the value stays, the session goes.
+        releases = [
+            store.release(keys.node(n.name), session, _node_value(n)) for n in failing_nodes
+        ]
+        await _gather_limited(releases, 64)
         healthy = len(snapshot.nodes) - len(failing)
         moved_report = await asyncio.to_thread(
             wait_pass, api, coordinator,
