@@ -28,7 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.leader import LeaderElection, NotLeader
-from coordinator.placement import Node, Placement, Resources, Snapshot, Strategy, place
+from coordinator.placement import (
+    Node,
+    Placement,
+    ReplicaId,
+    Resources,
+    Snapshot,
+    Strategy,
+    place,
+)
 from coordinator.state import (
     AssignmentEncoder,
     DeploymentSpec,
@@ -70,10 +78,19 @@ class PassReport:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """What the last pass encoded: the bodies' replicas per node, and each spec's fragment."""
+
+    by_node: dict[str, list[ReplicaId]]
+    heads: dict[tuple[str, str], bytes]
+
+
 @dataclass
 class _Plan:
     report: PassReport
     bodies: dict[str, bytes]
+    encoded: Encoded
     placements: list[Placement]
     changed: dict[str, bytes | None]  # None: delete the key (the node is gone)
 
@@ -107,6 +124,7 @@ class Placer:
         self.placements: list[Placement] = []
         self.last: PassReport | None = None
         self.epoch: int | None = None  # the term whose writes `bodies` reflects
+        self.encoded: Encoded | None = None  # None: encode every node on the next pass
         self._dirty = asyncio.Event()
 
     async def run(self, epoch: int) -> None:
@@ -153,7 +171,7 @@ class Placer:
                 continue
             bodies[node] = body
             placements.extend(held)
-        self.bodies, self.placements = bodies, placements
+        self.bodies, self.placements, self.encoded = bodies, placements, None
 
     async def _watch(self, prefix: str) -> None:
         index = 0
@@ -175,8 +193,9 @@ class Placer:
             self.store.list(keys.NODES), self.store.list(keys.DEPLOYMENTS)
         )
         plan = await asyncio.to_thread(
-            self._plan, epoch, node_entries, spec_entries, self.bodies, self.placements
-        )
+            self._plan, epoch, node_entries, spec_entries,
+            bodies=self.bodies, placements=self.placements, previous=self.encoded,
+        )  # fmt: skip
         started = time.monotonic()
         try:
             written, txns = await self._write(plan.changed, epoch)
@@ -189,7 +208,7 @@ class Placer:
         plan.report.written, plan.report.txns = written, txns
         plan.report.write_s = round(time.monotonic() - started, 3)
         plan.report.finished_at = time.time()
-        self.bodies, self.placements = plan.bodies, plan.placements
+        self.bodies, self.placements, self.encoded = plan.bodies, plan.placements, plan.encoded
         self.last = plan.report
         if written:
             log.info(
@@ -198,13 +217,44 @@ class Placer:
             )  # fmt: skip
         return plan.report
 
+    @staticmethod
+    def _encode(
+        encoder: AssignmentEncoder,
+        by_node: Mapping[str, list[ReplicaId]],
+        bodies: Mapping[str, bytes],
+        previous: Encoded | None,
+    ) -> dict[str, bytes]:
+        """Every node's body; a node whose replicas and their specs are unchanged keeps its own.
+
+        (Encoding a million replicas is most of a pass; a reschedule changes few nodes.)
+        """
+        if previous is None:
+            return {node: encoder.body(reps) for node, reps in by_node.items()}
+        changed_specs = {k for k, head in encoder.heads.items() if previous.heads.get(k) != head}
+        out = {}
+        for node, reps in by_node.items():
+            body = bodies.get(node)
+            if (
+                body
+                and previous.by_node.get(node) == reps
+                and not (
+                    changed_specs and any((r.namespace, r.name) in changed_specs for r in reps)
+                )
+            ):
+                out[node] = body
+            else:
+                out[node] = encoder.body(reps)
+        return out
+
     def _plan(
         self,
         epoch: int,
         node_entries: list[KVEntry],
         spec_entries: list[KVEntry],
+        *,
         bodies: Mapping[str, bytes],
         placements: list[Placement],
+        previous: Encoded | None,
     ) -> _Plan:
         started = time.monotonic()
         report = PassReport(epoch)
@@ -231,7 +281,8 @@ class Placer:
             overcommit=self.overcommit,
         )
         encoder = AssignmentEncoder(specs.values())
-        new_bodies = {node: encoder.body(reps) for node, reps in result.by_node().items()}
+        by_node = result.by_node()
+        new_bodies = self._encode(encoder, by_node, bodies, previous)
         present = {n.name for n in nodes}
         changed: dict[str, bytes | None] = {}
         for node, body in new_bodies.items():
@@ -256,6 +307,7 @@ class Placer:
         return _Plan(
             report,
             new_bodies,
+            Encoded(by_node, encoder.heads),
             [
                 Placement(d.replica, d.node, size[(d.replica.namespace, d.replica.name)])
                 for d in result.decisions

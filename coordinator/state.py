@@ -9,7 +9,6 @@ and docs/operations.md.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -161,13 +160,17 @@ def replica_id(namespace: str, deployment: str, index: int) -> str:
 class AssignmentEncoder:
     """Assignment values, built from per-deployment fragments (1M replicas: no dict each).
 
-    The value is `{"containers": {<replica id>: {...}}, "epoch": N}` with
-    every object's keys sorted, as `encode_json` would write it; `body()` is
-    the part before the epoch, which is what decides whether a key changed.
+    The value is `{"containers": {<replica id>: {...}}, "epoch": N}`: each
+    container object with its keys sorted, the containers in the order given
+    (placement's: namespace, deployment, index), so equal placements give
+    equal bytes. `body()` is the part before the epoch, which is what decides
+    whether a key changed. Namespaces and deployment names are validated path
+    segments (letters, digits, '.', '_', '-'), so replica ids need no escaping.
     """
 
     def __init__(self, specs: Iterable[DeploymentSpec]) -> None:
-        self._heads: dict[tuple[str, str], bytes] = {}
+        self.heads: dict[tuple[str, str], bytes] = {}
+        self._prefixes: dict[tuple[str, str], bytes] = {}
         for spec in specs:
             entry = {
                 "args": spec.args,
@@ -182,15 +185,17 @@ class AssignmentEncoder:
                 "replica": 0,  # sorted last: cut off and written per replica
             }
             encoded = encode_json(entry)
-            self._heads[(spec.namespace, spec.name)] = encoded[: encoded.rindex(b'"replica":')]
+            key = (spec.namespace, spec.name)
+            self.heads[key] = encoded[: encoded.rindex(b'"replica":')]
+            self._prefixes[key] = b'"' + replica_id(spec.namespace, spec.name, 0)[:-1].encode()
 
     def body(self, replicas: Iterable[ReplicaId]) -> bytes:
-        parts = []
-        for r in replicas:
-            rid = json.dumps(replica_id(r.namespace, r.name, r.index), ensure_ascii=False)
-            parts.append(
-                b'%s:%s"replica":%d}' % (rid.encode(), self._heads[(r.namespace, r.name)], r.index)
-            )
+        heads, prefixes = self.heads, self._prefixes
+        parts = [
+            b'%s%d":%s"replica":%d}'
+            % (prefixes[(r.namespace, r.name)], r.index, heads[(r.namespace, r.name)], r.index)
+            for r in replicas
+        ]
         return b'{"containers":{' + b",".join(parts) + b"}"
 
     @staticmethod

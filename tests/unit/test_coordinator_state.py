@@ -14,6 +14,7 @@ import pytest
 
 from agent.cluster.assignments import parse_assignment
 from coordinator.placement import ReplicaId, Selector
+from coordinator.placer import UNKNOWN_BODY, Encoded, Placer
 from coordinator.state import (
     AssignmentEncoder,
     DeploymentSpec,
@@ -137,3 +138,22 @@ def test_status_text_names_the_leader_epoch_and_failed_nodes() -> None:
     assert "n2    failed   -" in text
     no_leader = format_status(body | {"leader": {"id": None, "api": None, "epoch": 4}})
     assert "leader:       none (last epoch 4)" in no_leader
+
+
+def test_a_pass_reencodes_only_nodes_whose_replicas_or_specs_changed() -> None:
+    first = AssignmentEncoder([spec(), spec(name="db")])
+    web0, web1 = ReplicaId("team-a", "web", 0), ReplicaId("team-a", "web", 1)
+    db0 = ReplicaId("team-a", "db", 0)
+    by_node = {"n1": [web0], "n2": [web1], "n3": [db0]}
+    previous = Encoded(by_node, first.heads)
+    stored = {"n1": b"n1 as stored", "n2": b"n2 as stored", "n3": b"n3 as stored"}
+    # Nothing changed: every node keeps what is stored (no encoding at all).
+    assert Placer._encode(first, by_node, stored, previous) == stored
+    # web's spec changed: its nodes are encoded again, db's node is kept.
+    second = AssignmentEncoder([spec(generation=2), spec(name="db")])
+    out = Placer._encode(second, by_node, stored, previous)
+    assert out == {"n1": second.body([web0]), "n2": second.body([web1]), "n3": b"n3 as stored"}
+    # A replica moved from n2 to n1: both are encoded again; a node marked unknown too.
+    moved = {"n1": [web0, web1], "n3": [db0]}
+    out = Placer._encode(first, moved, stored | {"n3": UNKNOWN_BODY}, previous)
+    assert out == {"n1": first.body([web0, web1]), "n3": first.body([db0])}
