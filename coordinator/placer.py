@@ -4,7 +4,8 @@ It runs only while this coordinator acts as the leader (main.py cancels it
 when the lease or the key is lost). On start it adopts the assignments in
 the store (what the previous leader wrote), so a failover moves nothing.
 Then, on every change under `nova/v1/nodes/` or `nova/v1/deployments/`
-(blocking queries), one pass:
+(blocking queries; changes gather for 50 ms, or a twentieth of the last
+pass's time up to 1 s), one pass:
 
   1. read the nodes (healthy = an agent session holds the key) and specs;
   2. `place()` the specs' replicas over the kept placements (in a thread:
@@ -52,6 +53,7 @@ MAX_TXN_PAYLOAD = 400 * 1024  # of Consul's 512 KiB txn_max_req_len, with room f
 EMPTY_BODY = b'{"containers":{}'
 UNKNOWN_BODY = b""  # never equal to an encoded body
 WATCH_WAIT = 30.0
+MAX_SETTLE = 1.0
 
 
 @dataclass
@@ -144,7 +146,7 @@ class Placer:
             self._dirty.set()
             while True:
                 await self._dirty.wait()
-                await asyncio.sleep(self.debounce)  # let a burst of changes land
+                await asyncio.sleep(self._settle_time())  # let a burst of changes land
                 self._dirty.clear()
                 try:
                     await self.run_pass(epoch)
@@ -158,6 +160,15 @@ class Placer:
             for task in watchers:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
+
+    def _settle_time(self) -> float:
+        """How long to let changes gather before a pass: `debounce`, or longer when
+        passes are expensive (a 15 s pass at a million replicas should not start on
+        the first of a hundred node failures), at most MAX_SETTLE."""
+        if self.last is None:
+            return self.debounce
+        took = self.last.place_s + self.last.write_s
+        return min(max(self.debounce, took / 20), MAX_SETTLE)
 
     async def adopt(self) -> None:
         """Take the stored assignments as the current placement."""

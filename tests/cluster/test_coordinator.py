@@ -111,6 +111,9 @@ def test_status_deploy_and_a_takeover_that_moves_nothing(
         assert all(d.args == ("60",) and d.cpu_millicores == 500 for d in parsed.replicas.values())
     before = placed(private_consul)
     assert nova("status", "--coordinator", first.url).stdout.count("healthy  127.0.0.1") == 3
+    standby_view = status(second)  # the standby asks the leader for the per-node counts
+    assert standby_view["replicas_assigned"] == 6
+    assert {n["node"]: n["assigned"] for n in standby_view["nodes"]} == per_node(private_consul)
 
     first.end(signal.SIGKILL)
     killed = time.monotonic()
