@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--node-cidr",
         metavar="CIDR",
-        default=None,
-        help=f"this node's container addresses (default standalone: {DEFAULT_NODE_CIDR}; "
-        "in a cluster every node needs its own, inside --cluster-cidr)",
+        default=os.environ.get("NOVA_NODE_CIDR"),
+        help=f"this node's container addresses ($NOVA_NODE_CIDR; default standalone: "
+        f"{DEFAULT_NODE_CIDR}; in a cluster every node needs its own, inside --cluster-cidr)",
     )
     group.add_argument(
         "--cluster-cidr",
@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--segment-ids",
         metavar="FIRST-LAST",
-        default=None,
-        help="segment ids (VXLAN VNIs) new namespaces get (default: 4096-16777215)",
+        default=os.environ.get("NOVA_SEGMENT_IDS"),
+        help="segment ids (VXLAN VNIs) new namespaces get ($NOVA_SEGMENT_IDS; "
+        "default: 4096-16777215)",
     )
     group.add_argument(
         "--vxlan-local",
