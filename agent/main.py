@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvloop
@@ -29,10 +30,12 @@ from agent.containers import ContainerManager
 from agent.isolation.cgroups.base import check_root_name
 from agent.metrics import AgentMetrics
 from agent.sandbox.cgroups import SandboxCgroups
+from agent.sandbox.network import SandboxNetwork
 from agent.sandbox.runtime import SandboxRuntime
 from agent.volumes_api import open_volumes
 from nova import errors, paths
 from nova.store import Store, open_store
+from nova.store.consul import ConsulStore
 
 log = logging.getLogger("nova.agent")
 
@@ -173,6 +176,7 @@ class Agent:
         self._lock_file: int | None = None
         self._runners: list[web.AppRunner] = []
         self._socket_bound = False
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     async def run(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -188,7 +192,13 @@ class Agent:
             advertise = None
             if self.args.consul:
                 advertise = self.args.advertise or route_source(self.args.consul)
-            network = network_flags.make_network(self.args, store=store, advertise=advertise)
+            segment_store = None
+            if self.args.consul:  # segment ids must agree across hosts
+                segment_store = ConsulStore(self.args.consul, timeout=5.0)
+                self._closers.append(segment_store.close)
+            network = network_flags.make_network(
+                self.args, store=store, advertise=advertise, segment_store=segment_store
+            )
             await network.start()
         runtime = SandboxRuntime(
             str(self.cache_dir),
@@ -214,7 +224,7 @@ class Agent:
             await manager.recover()  # first: orphaned cgroups go before the pool makes new ones
             await runtime.start()
             if self.args.consul:
-                cluster = self._cluster(manager, store, metrics)
+                cluster = self._cluster(manager, store, metrics, network)
                 await cluster.start()
             await self._serve_socket(
                 make_app(
@@ -250,10 +260,16 @@ class Agent:
             await runtime.close()
             if network is not None:
                 await network.close()  # segments no container uses any more
+            for close in self._closers:
+                await close()
             await store.close()
 
     def _cluster(
-        self, manager: ContainerManager, store: Store, metrics: AgentMetrics
+        self,
+        manager: ContainerManager,
+        store: Store,
+        metrics: AgentMetrics,
+        network: SandboxNetwork | None,
     ) -> ClusterAgent:
         address = self.args.advertise or route_source(self.args.consul)
         info = describe_host(self.args.node, address, parse_labels(self.args.labels))
@@ -264,6 +280,7 @@ class Agent:
             local=store,
             cache_dir=self.cache_dir,
             registry=metrics.registry,
+            network=network,
         )
 
     def _cgroups(self) -> SandboxCgroups | None:

@@ -96,7 +96,11 @@ def wants_network(args: argparse.Namespace, *, cgroups_on: bool) -> bool:
 
 
 def make_network(
-    args: argparse.Namespace, *, store: Store, advertise: str | None
+    args: argparse.Namespace,
+    *,
+    store: Store,
+    advertise: str | None,
+    segment_store: Store | None = None,
 ) -> SandboxNetwork:
     """The network the flags describe; UsageError naming a bad flag."""
     if args.namespace_pool_size < 0:
@@ -111,4 +115,4 @@ def make_network(
         )
     except ValueError as exc:
         raise errors.UsageError(str(exc)) from None
-    return SandboxNetwork(store, node=args.node, config=config)
+    return SandboxNetwork(store, node=args.node, config=config, segment_store=segment_store)

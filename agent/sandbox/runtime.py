@@ -137,7 +137,10 @@ class SandboxRuntime:
         if self.zygote is not None and self.pool is not None:
             await self.zygote.start()
             if fill:
-                await self.pool.fill()
+                try:
+                    await self.pool.fill()
+                except errors.NovaError as exc:  # e.g. the store is down: the refill retries
+                    log.error("warm pool: cannot fill it now (%s); retrying in the background", exc)
             self.pool.start()
             self._started = True
 
