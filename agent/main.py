@@ -200,6 +200,9 @@ class Agent:
                 self.args, store=store, advertise=advertise, segment_store=segment_store
             )
             await network.start()
+            peers = network_flags.static_peers(self.args)
+            if peers:
+                await network.set_peers(peers)
         runtime = SandboxRuntime(
             str(self.cache_dir),
             pool_size=self.args.pool_size,

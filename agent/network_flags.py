@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from ipaddress import IPv4Address
 
 from agent.sandbox.network import DEFAULT_NODE_CIDR, NetworkConfig, SandboxNetwork
 from nova import errors
@@ -60,6 +61,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: none standalone; --advertise in a cluster)",
     )
     group.add_argument(
+        "--vxlan-peers",
+        metavar="IP,...",
+        default="",
+        help="other hosts' underlay addresses, for segments spanning hosts without Consul "
+        "(in a cluster they come from the node inventory); needs --vxlan-local",
+    )
+    group.add_argument(
         "--vxlan-underlay",
         metavar="IFNAME",
         default=None,
@@ -93,6 +101,19 @@ def wants_network(args: argparse.Namespace, *, cgroups_on: bool) -> bool:
         log.warning("no --node-cidr: containers share the host's network namespace")
         return False
     return True
+
+
+def static_peers(args: argparse.Namespace) -> list[IPv4Address]:
+    """--vxlan-peers as addresses; UsageError naming a bad one."""
+    peers = []
+    for item in filter(None, (p.strip() for p in args.vxlan_peers.split(","))):
+        try:
+            peers.append(IPv4Address(item))
+        except ValueError:
+            raise errors.UsageError(f"invalid --vxlan-peers address {item!r}") from None
+    if peers and not args.vxlan_local:
+        raise errors.UsageError("--vxlan-peers needs --vxlan-local (this host's underlay address)")
+    return peers
 
 
 def make_network(

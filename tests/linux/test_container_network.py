@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,9 +30,15 @@ import aiohttp
 import pytest
 
 from nova import paths
-from tests.conftest import NetworkUnderTest, network_leftovers, owned_cgroups, process_alive
+from tests.conftest import (
+    NetworkUnderTest,
+    network_leftovers,
+    owned_cgroups,
+    process_alive,
+    remove_cgroup_root,
+)
 from tests.unit.test_agent import (  # noqa: F401 (start_agent is a fixture used by name)
-    AgentProcess,
+    NOVA_AGENT,
     StartAgent,
     free_port,
     ps,
@@ -307,3 +314,120 @@ def test_1000_create_destroy_cycles_leave_the_host_as_before(
     assert agent.end() == 0
     after = host_state()
     assert after == before, json.dumps({"before": before, "after": after}, default=sorted)
+
+
+# -- two hosts, one segment ------------------------------------------------------------
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def two_hosts(nova_dirs: Path) -> Iterator[tuple[str, str]]:
+    """Host netns A and B (192.168.77.1 and .2) cabled to a switch netns: all this test's."""
+    token = secrets.token_hex(3)
+    switch, hosts = f"nvt-sw-{token}", (f"nvt-a-{token}", f"nvt-b-{token}")
+    made: list[str] = []
+    try:
+        for name in (switch, *hosts):
+            _ip("netns", "add", name)
+            made.append(name)
+        _ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        _ip("-n", switch, "link", "set", "br0", "up")
+        for i, host in enumerate(hosts, start=1):
+            port = f"port{i}"
+            _ip("-n", switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+                "netns", host)  # fmt: skip
+            _ip("-n", switch, "link", "set", port, "master", "br0", "up")
+            _ip("-n", host, "addr", "add", f"192.168.77.{i}/24", "dev", "eth0")
+            _ip("-n", host, "link", "set", "eth0", "up")
+            _ip("-n", host, "link", "set", "lo", "up")
+        yield hosts
+    finally:
+        for name in made:  # their links (bridges, veths, VXLAN devices) go with them
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def test_two_agents_on_two_hosts_share_a_segment_over_vxlan(
+    two_hosts: tuple[str, str], nova_dirs: Path, examples: Path, no_leftover_processes: None
+) -> None:
+    cluster = IPv4Network(f"10.{node_cidr().network_address.packed[1]}.0.0/16")
+    cidrs = [f"{cluster.network_address + 256 * (i + 1)}/24" for i in range(2)]
+    roots = [f"nova-test-{secrets.token_hex(5)}" for _ in range(2)]
+    agents: list[subprocess.Popen[bytes]] = []
+    sockets = [nova_dirs / f"agent-{i}.sock" for i in range(2)]
+
+    def on(i: int, *args: str | Path) -> subprocess.CompletedProcess[str]:
+        return nova(*args, env={**os.environ, "NOVA_SOCKET": str(sockets[i])})
+
+    try:
+        for i, host in enumerate(two_hosts):
+            env = {**os.environ, "NOVA_CGROUP_ROOT": roots[i], "NOVA_SOCKET": str(sockets[i])}
+            agents.append(
+                subprocess.Popen(  # nsenter, not `ip netns exec`: that hides /sys/fs/cgroup
+                    [
+                        "nsenter",
+                        f"--net=/var/run/netns/{host}",
+                        *NOVA_AGENT,
+                        "--standalone",
+                        "--node",
+                        f"host-{i}",
+                        "--state-dir",
+                        str(nova_dirs / f"state-{i}"),
+                        "--pool-size",
+                        "1",
+                        "--node-cidr",
+                        cidrs[i],
+                        "--cluster-cidr",
+                        str(cluster),
+                        "--vxlan-local",
+                        f"192.168.77.{i + 1}",
+                        "--vxlan-peers",
+                        f"192.168.77.{2 - i}",
+                    ],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=(nova_dirs / f"agent-{i}.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        for i, sock in enumerate(sockets):
+            wait_for(f"agent {i}", lambda s=sock: paths.socket_answers(s), 30)  # type: ignore[misc]
+        ports = [free_port(), free_port(), free_port()]
+        rows = []
+        for i, port in enumerate(ports[:2]):
+            result = on(i, "run", "-d", "--name", f"web{i}", "--port", str(port),
+                        examples / "http-hello.wasm")  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            [row] = json.loads(on(i, "ps", "--json").stdout)
+            rows.append(row)
+        result = on(1, "run", "-d", "--name", "other", "--namespace", "team-x", "--port",
+                    str(ports[2]), examples / "http-hello.wasm")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        [other] = [r for r in json.loads(on(1, "ps", "--json").stdout) if r["name"] == "other"]
+
+        a, b = rows
+        assert IPv4Address(a["ip"]) in IPv4Network(cidrs[0])
+        assert IPv4Address(b["ip"]) in IPv4Network(cidrs[1])
+        # One segment across the hosts: L2 over VXLAN, both ways.
+        assert http_from(a["network"]["netns"], b["ip"], ports[1]) == "hello from nova"
+        assert http_from(b["network"]["netns"], a["ip"], ports[0]) == "hello from nova"
+        # Another namespace on host B: no frame reaches A's container.
+        assert http_from(other["network"]["netns"], a["ip"], ports[0], 1.0).startswith("error:")
+        assert not ping_from(other["network"]["netns"], a["ip"])
+        for i, name in ((0, "web0"), (1, "web1"), (1, "other")):
+            assert on(i, "stop", name).returncode == 0
+    finally:
+        for agent in agents:
+            agent.terminate()
+        for agent in agents:
+            try:
+                agent.wait(15)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        for root in roots:
+            remove_cgroup_root(root)
+    left = network_leftovers(NetworkUnderTest(cluster, range(0)))
+    assert left["netns"] == [], left
