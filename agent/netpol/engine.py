@@ -65,6 +65,8 @@ class PolicyMetrics:
             "nova_policy_rules", "Rules enforced, over every endpoint and direction",
             registry=registry,
         )  # fmt: skip
+        for stage in ("parse", "apply"):
+            self.errors.labels(stage)  # exported at 0 from the start: alerts see the series
         self.packets = _PacketCollector()
         registry.register(self.packets)
 

@@ -7,6 +7,7 @@ Latencies are asserted loosely (< 1 s): the 100 ms goal is measured in bench.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from agent.netpol.engine import PolicyEngine, PolicyMetrics
 from agent.netpol.sources import DirectorySource, StoreSource, parse_store_value
 from agent.netpol.tables import IPPROTO_TCP, CompiledPolicy, Endpoint
+from agent.netpol.wiring import add_arguments, make_engine
 from agent.netpol.yamltree import PolicyError
 from nova.store import SqliteStore, keys
 from tests.unit.netpol_helpers import (
@@ -444,3 +446,18 @@ def test_store_value_namespace_defaults_to_the_key() -> None:
     )
     (policy,) = parse_store_value(keys.policy("team-a", "p"), value)
     assert policy.key == "team-a/p"
+
+
+def test_agent_flags_make_the_engine(policy_dir: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    registry = CollectorRegistry()
+    assert (
+        make_engine(parser.parse_args(["--policy-backend", "none"]), store=None, registry=registry)
+        is None
+    )
+    assert metric(registry, "nova_policy_errors_total", stage="parse") == 0
+    args = parser.parse_args([])
+    assert (args.policy_dir, args.policy_backend) == (Path("/etc/nova/policies"), "auto")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--policy-backend", "iptables"])
