@@ -2,7 +2,9 @@
 
 policy.add_arguments(parser)                      --policy-dir, --policy-backend
 engine = policy.make_engine(args, store=..., registry=metrics.registry)
-await engine.start() ... engine.add_endpoint(...) ... await engine.close()
+await engine.start()                              before recovering containers
+engine.add_endpoint(...) per recovered container, then engine.endpoints_synced()
+... engine.add_endpoint / remove_endpoint from the container hook ... await engine.close()
 """
 
 from __future__ import annotations
@@ -49,5 +51,8 @@ def make_engine(
     if store is not None:
         sources.append(StoreSource(store))
     return PolicyEngine(
-        select_backend(args.policy_backend), sources=sources, metrics=PolicyMetrics(registry)
+        select_backend(args.policy_backend),
+        sources=sources,
+        metrics=PolicyMetrics(registry),
+        endpoints_pending=True,  # the agent calls endpoints_synced() after recovery
     )

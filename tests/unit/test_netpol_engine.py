@@ -127,6 +127,28 @@ async def test_files_present_at_start_are_in_the_first_apply(policy_dir: Path) -
     assert backend.closed_with is True
 
 
+async def test_first_apply_waits_for_the_agents_endpoints(policy_dir: Path) -> None:
+    """An agent starts the engine before recovering its containers: an apply before they
+    are reported would drop their enforcement (the kernel keeps the last agent's meanwhile)."""
+    os.mkdir(policy_dir)
+    (policy_dir / "deny.yaml").write_text(DENY_A)
+    backend = RecordingBackend()
+    engine = PolicyEngine(backend, sources=[DirectorySource(policy_dir)], endpoints_pending=True)
+    await engine.start()
+    try:
+        engine.add_endpoint(A)  # recovery reports containers one by one
+        await asyncio.sleep(0.05)
+        assert backend.applied == []
+        assert engine.status()["pending"] and not engine.status()["endpoints_synced"]
+        engine.add_endpoint(B)
+        engine.endpoints_synced()
+        await engine.wait_applied()
+        (_, first), *_ = backend.applied
+        assert set(first.endpoints) == {"ep-a", "ep-b"} and isolated("ep-a")(first)
+    finally:
+        await engine.close()
+
+
 async def test_create_modify_atomic_replace_delete(
     running: tuple[PolicyEngine, RecordingBackend], policy_dir: Path
 ) -> None:
