@@ -58,6 +58,7 @@ examples:
   nova-agent --standalone
   nova-agent --standalone --pool-size 16 --metrics-address 0.0.0.0:9464
   nova-agent --standalone --cgroup-root system.slice/nova-agent.service/payload
+  nova-agent --uninstall-policy
 
 exit status:
   0 on a clean shutdown (SIGTERM, SIGINT), 2 on a usage error,
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--consul",
         metavar="URL",
         help="cluster mode through the Consul agent at URL (not available in this release)",
+    )
+    mode.add_argument(
+        "--uninstall-policy",
+        action="store_true",
+        help="remove network-policy enforcement from the kernel (eBPF filters, nftables "
+        "tables) whatever run made it, then exit; stop the agent first",
     )
     parser.add_argument(
         "--node", default=socket.gethostname(), help="node name (default: hostname)"
@@ -264,6 +271,28 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def uninstall_policy(args: argparse.Namespace) -> int:
+    """`--uninstall-policy`: refuse while an agent runs (it would enforce again), else remove."""
+    from agent.netpol.uninstall import uninstall  # pyroute2 only when asked
+
+    socket_path = args.socket or paths.socket_path()
+    if paths.socket_answers(socket_path):
+        print(f"nova-agent: an agent is running on {socket_path}; stop it first", file=sys.stderr)
+        return errors.EXIT_NOVA
+    if os.geteuid() != 0:
+        print("nova-agent: --uninstall-policy needs root", file=sys.stderr)
+        return errors.EXIT_NOVA
+    try:
+        removed = uninstall()
+    except OSError as exc:
+        print(f"nova-agent: uninstall failed: {exc}", file=sys.stderr)
+        return errors.EXIT_NOVA
+    for line in removed:
+        print(f"removed {line}")
+    print(f"network policy uninstalled ({len(removed)} objects removed)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -271,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.uninstall_policy:
+        return uninstall_policy(args)
     if args.consul:
         print(
             "nova-agent: cluster mode (--consul) is not available in this release; "

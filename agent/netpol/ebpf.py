@@ -168,21 +168,8 @@ class EbpfBackend(api.PolicyBackend):
         )
 
     def _links_with_our_filters(self) -> set[int]:
-        found: set[int] = set()
         with self._ipr() as ipr:
-            for link in ipr.get_links():
-                index = link["index"]
-                if not str(link.get("ifname") or "").startswith(self._link_prefix):
-                    continue
-                try:
-                    filters = ipr.get_filters(index=index, parent=PARENT_INGRESS)
-                except NetlinkError:
-                    continue
-                for f in filters:
-                    name = f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
-                    if f.get("kind") == "bpf" and str(name or "").startswith(PROG_FROM_CTR):
-                        found.add(index)
-        return found
+            return links_with_filters(ipr, self._link_prefix)
 
     # -- apply -------------------------------------------------------------------------
 
@@ -326,27 +313,17 @@ class EbpfBackend(api.PolicyBackend):
         log.debug("policy programs attached to %s", attached.ifname)
 
     def _detach(self, ipr: Any, attached: _Attached) -> None:
-        for parent in (PARENT_INGRESS, PARENT_EGRESS):
-            try:  # ours by preference and handle; anything else on the link stays
-                ipr.tc(
-                    "del-filter",
-                    "bpf",
-                    attached.ifindex,
-                    TC_HANDLE,
-                    parent=parent,
-                    prio=TC_PREF,
-                    protocol=0x0003,
-                )
-            except NetlinkError as exc:
-                if exc.code not in _GONE:
-                    raise
+        detach(ipr, attached.ifindex)
         log.debug("policy programs detached from %s", attached.ifname)
 
     def _detach_all(self) -> None:
         with self._ipr() as ipr:
             for attached in list(self._attached.values()):
                 self._detach(ipr, attached)
+            for index in self._earlier_run:  # never applied: an earlier run's filters go too
+                detach(ipr, index)
         self._attached.clear()
+        self._earlier_run = set()
         for name, current, kv in (
             ("nova_endpoints_v1", self._configs, self._config_kv),
             ("nova_policy_v1", self._policy, self._policy_kv),
@@ -371,3 +348,39 @@ class EbpfBackend(api.PolicyBackend):
     def attached(self) -> Iterable[str]:
         """Host veth names carrying this backend's programs (for status and tests)."""
         return sorted(a.ifname for a in self._attached.values())
+
+
+def links_with_filters(ipr: Any, link_prefix: str) -> set[int]:
+    """Indexes of links named `link_prefix`* that carry Nova's policy filter (any run's)."""
+    found: set[int] = set()
+    for link in ipr.get_links():
+        index = link["index"]
+        if not str(link.get("ifname") or "").startswith(link_prefix):
+            continue
+        try:
+            filters = ipr.get_filters(index=index, parent=PARENT_INGRESS)
+        except NetlinkError:
+            continue
+        for f in filters:
+            name = f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
+            if f.get("kind") == "bpf" and str(name or "").startswith(PROG_FROM_CTR):
+                found.add(index)
+    return found
+
+
+def detach(ipr: Any, ifindex: int) -> None:
+    """Delete Nova's two filters from a link; anything else on it (and clsact) stays."""
+    for parent in (PARENT_INGRESS, PARENT_EGRESS):
+        try:  # ours by preference and handle
+            ipr.tc(
+                "del-filter",
+                "bpf",
+                ifindex,
+                TC_HANDLE,
+                parent=parent,
+                prio=TC_PREF,
+                protocol=0x0003,
+            )
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                raise

@@ -26,13 +26,20 @@ import pytest_asyncio
 from agent.netpol.backend import (
     COUNTER_SPOOFED,
     PolicyBackend,
-    ebpf_unavailable_reason,
     select_backend,
 )
 from agent.netpol.compiler import IdentityAllocator, compile_policy
 from agent.netpol.model import parse_policies
 from agent.netpol.tables import IPPROTO_TCP, IPPROTO_UDP, CompiledPolicy
-from tests.linux.netpol_lab import NAMESPACE_LABELS, Lab, Pod, differences, expected_matrix
+from tests.linux.netpol_lab import (
+    NAMESPACE_LABELS,
+    Lab,
+    Pod,
+    backend_params,
+    built_lab,
+    differences,
+    expected_matrix,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -48,22 +55,8 @@ Rule = Callable[[Pod, Pod], bool]
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab()
-    try:
-        lab.build()
+    with built_lab() as lab:
         yield lab
-    finally:
-        lab.close()
-        assert lab.leftovers() == []
-
-
-def _backend_params() -> list[object]:
-    reason = ebpf_unavailable_reason()
-    ebpf = pytest.param("ebpf", marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
-    nft = pytest.param(
-        "nftables", marks=pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft")
-    )
-    return [ebpf, nft]
 
 
 class Enforcer:
@@ -96,7 +89,7 @@ class Enforcer:
         assert not problems, "\n".join(problems)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=_backend_params())
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=backend_params())
 async def enforcer(lab: Lab, request: pytest.FixtureRequest) -> AsyncIterator[Enforcer]:
     backend = select_backend(
         request.param,
