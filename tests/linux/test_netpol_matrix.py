@@ -363,6 +363,39 @@ async def test_policy_change_keeps_programs_and_tables(policy: Enforcer) -> None
     policy.check(lambda s, d: d.namespace != "y")
 
 
+async def test_a_removed_container_leaves_nothing_behind(policy: Enforcer) -> None:
+    """Container removal: its filters (eBPF), map entries and set elements go; the
+    remaining containers stay enforced."""
+    lab = policy.lab
+    gone = lab.pods["x/a"]
+    policies = parse_policies(doc("x", "deny", {"podSelector": {}}), "deny.yaml")
+    for endpoints in (lab.endpoints(), [e for e in lab.endpoints() if e.key != gone.key]):
+        policy.generation += 1
+        compiled = compile_policy(
+            policies, endpoints, NAMESPACE_LABELS, policy.allocator, policy.generation
+        )
+        await policy.backend.apply(compiled)
+    assert gone.key not in compiled.endpoints
+    policy.check(lambda s, d: d.namespace != "x" or d.key == gone.key)
+    if policy.backend.name == "ebpf":
+        assert not any(link == gone.host_ifname for link, _ in tc_program_ids(lab))
+        bpf = policy.backend._bpf  # type: ignore[attr-defined]
+        addresses = {int(k.value) for k in bpf[b"nova_ipcache_v1"].keys()}  # noqa: SIM118
+        assert len(addresses) == len(lab.pods) - 1
+        assert len(bpf[b"nova_endpoints_v1"]) == len(lab.pods) - 1
+    else:
+        ruleset = nft_ruleset(lab)
+        assert str(gone.address) not in ruleset and gone.host_ifname not in ruleset
+        assert str(lab.pods["x/b"].address) in ruleset
+
+
+def nft_ruleset(lab: Lab) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", lab.host_netns, "nft", "-j", "list", "ruleset"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+
+
 def tc_program_ids(lab: Lab) -> dict[tuple[str, str], int]:
     out: dict[tuple[str, str], int] = {}
     for pod in lab.pods.values():
