@@ -17,6 +17,12 @@ bridge-family table drops frames whose IPv4 source is not the sending
 endpoint's address (spoofing) and non-IPv4, non-ARP frames of isolated
 endpoints.
 
+Drop logging (`drop_log_rate` > 0): before its drop, each isolated
+endpoint's chain logs to the kernel log (prefix `nova drop`), at most that
+many packets a second per endpoint and direction (one nft `limit` each). The
+kernel only logs from the initial network namespace unless
+`net.netfilter.nf_log_all_netns` is 1.
+
 Agent restart: the tables stay in the kernel while the agent is away; the
 first apply of the new process replaces them in one transaction (never a gap).
 The first apply of a process replaces the tables (add, delete, add table in
@@ -45,7 +51,10 @@ class NftBackend(api.PolicyBackend):
 
     name = "nftables"
 
-    def __init__(self, *, table: str = "nova", netns: str | None = None) -> None:
+    def __init__(
+        self, *, table: str = "nova", netns: str | None = None, drop_log_rate: int = 0
+    ) -> None:
+        self._drop_log_rate = drop_log_rate
         self._table = table
         self._netns = netns
         self._lock = asyncio.Lock()
@@ -68,7 +77,11 @@ class NftBackend(api.PolicyBackend):
             ports, missing = await self._host_ports(compiled)
             await self._enable_bridge_hooks(ports.values())
             document = transaction(
-                compiled, table=self._table, ports=ports, counters=self._counters
+                compiled,
+                table=self._table,
+                ports=ports,
+                counters=self._counters,
+                drop_log_rate=self._drop_log_rate,
             )
             made = made_by(document)
             if self._made is None:  # first apply of this process: replace whatever is there

@@ -1,6 +1,6 @@
 """How the agent turns its flags into a running policy engine (used by agent/main.py).
 
-policy.add_arguments(parser)                      --policy-dir, --policy-backend
+policy.add_arguments(parser)          --policy-dir, --policy-backend, --policy-log-drops
 engine = policy.make_engine(args, store=..., registry=metrics.registry)
 await engine.start()                              before recovering containers
 engine.add_endpoint(...) per recovered container, then engine.endpoints_synced()
@@ -36,6 +36,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kernel enforcement of network policy: auto = eBPF where this host can load it, "
         "else nftables (default); none = no network policy at all",
     )
+    parser.add_argument(
+        "--policy-log-drops",
+        type=_rate,
+        default=0,
+        metavar="N",
+        help="log packets dropped by network policy, at most N a second (eBPF: this log; "
+        "nftables: the kernel log, per container and direction); default 0: off",
+    )
+
+
+def _rate(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of drops per second")
+    return int(text)
 
 
 def make_engine(
@@ -51,7 +65,7 @@ def make_engine(
     if store is not None:
         sources.append(StoreSource(store))
     return PolicyEngine(
-        select_backend(args.policy_backend),
+        select_backend(args.policy_backend, drop_log_rate=args.policy_log_drops),
         sources=sources,
         metrics=PolicyMetrics(registry),
         endpoints_pending=True,  # the agent calls endpoints_synced() after recovery

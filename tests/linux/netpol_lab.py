@@ -293,3 +293,11 @@ def backend_params() -> list[object]:
         "nftables", marks=pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft")
     )
     return [ebpf, nft]
+
+
+def nft_ruleset(lab: Lab) -> str:
+    """`nft -j list ruleset` in the lab's host netns."""
+    return subprocess.run(
+        ["ip", "netns", "exec", lab.host_netns, "nft", "-j", "list", "ruleset"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip

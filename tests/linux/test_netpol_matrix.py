@@ -39,6 +39,7 @@ from tests.linux.netpol_lab import (
     built_lab,
     differences,
     expected_matrix,
+    nft_ruleset,
 )
 
 pytestmark = [
@@ -387,13 +388,6 @@ async def test_a_removed_container_leaves_nothing_behind(policy: Enforcer) -> No
         ruleset = nft_ruleset(lab)
         assert str(gone.address) not in ruleset and gone.host_ifname not in ruleset
         assert str(lab.pods["x/b"].address) in ruleset
-
-
-def nft_ruleset(lab: Lab) -> str:
-    return subprocess.run(
-        ["ip", "netns", "exec", lab.host_netns, "nft", "-j", "list", "ruleset"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
 
 
 def tc_program_ids(lab: Lab) -> dict[tuple[str, str], int]:

@@ -481,5 +481,8 @@ def test_agent_flags_make_the_engine(policy_dir: Path) -> None:
     assert metric(registry, "nova_policy_errors_total", stage="parse") == 0
     args = parser.parse_args([])
     assert (args.policy_dir, args.policy_backend) == (Path("/etc/nova/policies"), "auto")
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--policy-backend", "iptables"])
+    assert args.policy_log_drops == 0
+    assert parser.parse_args(["--policy-log-drops", "20"]).policy_log_drops == 20
+    for bad in (["--policy-backend", "iptables"], ["--policy-log-drops", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
