@@ -308,6 +308,56 @@ class ConsulStore(Store):
         body = await self._send_txn("txn", [fence, *(_wire_op(op) for op in ops)])
         return _txn_result(body, offset=1)
 
+    # -- services and TTL checks (on the local Consul agent) -------------------
+
+    async def register_ttl_service(
+        self,
+        *,
+        name: str,
+        service_id: str,
+        check_id: str,
+        ttl: float,
+        address: str | None = None,
+        meta: dict[str, str] | None = None,
+        deregister_after: float = 600.0,
+    ) -> None:
+        """Register a service with one TTL check, on the Consul agent at `url`.
+
+        The check starts *passing*: registering again (after a Consul restart)
+        never turns an existing check critical, which would invalidate the
+        sessions bound to it. Consul drops the service once its check has been
+        critical for `deregister_after` s (its floor is 60 s).
+        """
+        check = {
+            "CheckID": check_id,
+            "Name": f"{name} TTL",
+            "TTL": go_duration(ttl),
+            "Status": "passing",
+            "DeregisterCriticalServiceAfter": go_duration(max(deregister_after, 60.0)),
+        }
+        client = self._client("register service")
+        with self._errors("register service", refused_is_permanent=True):
+            await client.agent.service.register(
+                name, service_id=service_id, address=address, meta=meta, check=check
+            )
+
+    async def pass_check(self, check_id: str, note: str = "") -> bool:
+        """Mark a TTL check passing; False if the local agent does not know it."""
+        client = self._client("pass check")
+        try:
+            with self._errors("pass check"):
+                return bool(await client.agent.check.ttl_pass(check_id, notes=note or None))
+        except StoreError as exc:
+            if "unknown check" in exc.reason.lower():  # some versions answer 500, not 404
+                return False
+            raise
+
+    async def deregister_service(self, service_id: str) -> None:
+        """Remove the service and its checks from the local agent; absent is fine."""
+        client = self._client("deregister service")
+        with self._errors("deregister service"):
+            await client.agent.service.deregister(service_id)
+
     # -- plumbing --------------------------------------------------------------
 
     def _client(self, what: str) -> NovaConsul:

@@ -8,8 +8,10 @@ nova/v1/deployments/<ns>/<name>    desired spec + rollout state
 nova/v1/assignments/<node>         what the node must run (coordinator-owned)
 nova/v1/status/<node>/...          observed state (agent-owned)
 nova/v1/policies/<ns>/<name>       cluster-wide network policies
-nova/v1/images/<digest>/...        content-addressed images
+nova/v1/images/<digest>/...        content-addressed images (meta, chunk/<i>)
+nova/v1/imagetags/<name>/<tag>     image tag -> {"digest": …}
 nova/v1/containers/<node>/<id>     the local agent's own container records
+nova/v1/replicas/<node>/<replica>  the local agent's replica -> container mapping
 ```
 
 Prefix constants end with '/', so `list(NODES)` never matches a sibling such
@@ -31,6 +33,8 @@ ASSIGNMENTS = ROOT + "assignments/"
 STATUS = ROOT + "status/"
 POLICIES = ROOT + "policies/"
 IMAGES = ROOT + "images/"
+IMAGE_TAGS = ROOT + "imagetags/"
+REPLICAS = ROOT + "replicas/"
 CONTAINERS = ROOT + "containers/"
 
 MAX_SEGMENT = 253
@@ -108,6 +112,23 @@ def image(image_digest: str, *parts: str) -> str:
     """`nova/v1/images/<digest>`, or a key below it with `parts`."""
     key = IMAGES + digest(image_digest)
     return "/".join([key, *(segment(part, what="image key part") for part in parts)])
+
+
+def image_tags_of(name: str) -> str:
+    """The prefix holding every tag of image `name`."""
+    return f"{IMAGE_TAGS}{segment(name, what='image name')}/"
+
+
+def image_tag(name: str, tag: str) -> str:
+    return image_tags_of(name) + segment(tag, what="image tag")
+
+
+def replicas_on(node_name: str) -> str:
+    return f"{REPLICAS}{segment(node_name, what='node name')}/"
+
+
+def replica(node_name: str, replica_id: str) -> str:
+    return replicas_on(node_name) + segment(replica_id, what="replica id")
 
 
 def containers_on(node_name: str) -> str:

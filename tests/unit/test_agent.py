@@ -417,7 +417,7 @@ def test_agent_restart_never_kills_containers(
     first = start_agent()
     for result in nova_many(
         ["run", "-d", "--name", "spin", examples / "cpu-spin.wasm"],
-        ["run", "-d", "--name", "nap", examples / "sleep.wasm", "2"],
+        ["run", "-d", "--name", "nap", examples / "sleep.wasm", "5"],
     ):
         assert (result.returncode, result.stderr) == (0, ""), result.args
     pids = {r["name"]: int(r["pid"]) for r in ps()}
@@ -439,7 +439,7 @@ def test_agent_restart_never_kills_containers(
         ["nap", "exited"],
         ["spin", "running"],
     ]
-    assert logs.stdout == "slept 2\n"
+    assert logs.stdout == "slept 5\n"
     nap = container("nap")
     assert nap["describe"] == "exited with code 0"
     assert (nap["status"]["reason"], nap["status"]["exit_code"]) == ("Exited", 0)
