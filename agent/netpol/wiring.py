@@ -10,14 +10,23 @@ engine.add_endpoint(...) per recovered container, then engine.endpoints_synced()
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from agent.netpol.backend import BACKEND_NAMES, select_backend
+from agent.netpol.backend import BACKEND_NAMES, PolicyBackendError, select_backend
 from agent.netpol.engine import PolicyEngine, PolicyMetrics
-from agent.netpol.sources import DEFAULT_POLICY_DIR, DirectorySource, PolicySource, StoreSource
+from agent.netpol.sources import (
+    DEFAULT_POLICY_DIR,
+    DirectorySource,
+    PolicySource,
+    StoreSource,
+    is_policy_file,
+)
 from nova.store import Store
+
+log = logging.getLogger("nova.agent.netpol")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,16 +66,40 @@ def make_engine(
 ) -> PolicyEngine | None:
     """The engine the flags ask for (None with --policy-backend none).
 
-    Raises PolicyBackendError when the requested backend cannot run on this host.
+    Raises PolicyBackendError when the requested backend cannot run on this
+    host. With `auto` and no usable backend (not root, no nft and no bcc) the
+    agent runs without policy, with a warning, unless the policy directory
+    holds policy files: enforcing nothing then would fail open.
     """
     if args.policy_backend == "none":
+        return None
+    try:
+        backend = select_backend(args.policy_backend, drop_log_rate=args.policy_log_drops)
+    except PolicyBackendError as exc:
+        if args.policy_backend != "auto":
+            raise
+        waiting = _policy_files(args.policy_dir)
+        if waiting:
+            raise PolicyBackendError(
+                "auto", "select", "this host",
+                f"{exc.reason}, and {args.policy_dir} holds policies ({', '.join(waiting)}) "
+                "that would not be enforced",
+            ) from None  # fmt: skip
+        log.warning("network policy is off: %s", exc.reason)
         return None
     sources: list[PolicySource] = [DirectorySource(args.policy_dir)]
     if store is not None:
         sources.append(StoreSource(store))
     return PolicyEngine(
-        select_backend(args.policy_backend, drop_log_rate=args.policy_log_drops),
+        backend,
         sources=sources,
         metrics=PolicyMetrics(registry),
         endpoints_pending=True,  # the agent calls endpoints_synced() after recovery
     )
+
+
+def _policy_files(directory: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in directory.iterdir() if is_policy_file(p.name))
+    except OSError:
+        return []

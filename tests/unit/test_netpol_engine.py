@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from agent.netpol.backend import PolicyBackendError
 from agent.netpol.engine import PolicyEngine, PolicyMetrics
 from agent.netpol.sources import DirectorySource, StoreSource, parse_store_value
 from agent.netpol.tables import IPPROTO_TCP, CompiledPolicy, Endpoint
@@ -486,3 +487,29 @@ def test_agent_flags_make_the_engine(policy_dir: Path) -> None:
     for bad in (["--policy-backend", "iptables"], ["--policy-log-drops", "-1"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_auto_without_a_backend_is_off_unless_policies_wait(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not root, no nft, no bcc: `auto` runs without policy, except when policy files
+    are there to enforce (running then would fail open)."""
+
+    def unavailable(*_args: object, **_kwargs: object) -> None:
+        raise PolicyBackendError("nftables", "select", "this host", "needs root")
+
+    monkeypatch.setattr("agent.netpol.wiring.select_backend", unavailable)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--policy-dir", str(policy_dir)])
+    assert make_engine(args, store=None, registry=CollectorRegistry()) is None
+    policy_dir.mkdir()
+    (policy_dir / "deny.yaml").write_text(DENY_A)
+    with pytest.raises(PolicyBackendError, match=r"holds policies \(deny.yaml\)"):
+        make_engine(args, store=None, registry=CollectorRegistry())
+    with pytest.raises(PolicyBackendError, match="needs root"):
+        make_engine(
+            parser.parse_args(["--policy-backend", "nftables"]),
+            store=None,
+            registry=CollectorRegistry(),
+        )
