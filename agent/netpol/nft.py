@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -178,13 +179,20 @@ class NftBackend(api.PolicyBackend):
         return await self._run(["ip", *netns, *argv], None, what="ip", check=check)
 
     async def _run(self, argv: list[str], stdin: str | None, *, what: str, check: bool) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        # The document goes in as an unlinked temporary file, not a pipe: `nft -f -`
+        # opens /dev/stdin, which fails (ENXIO) on the socketpair uvloop (the agent's
+        # loop) gives a child for a pipe.
+        with tempfile.TemporaryFile() as document:
+            if stdin is not None:
+                document.write(stdin.encode())
+                document.seek(0)
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=document if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
         if check and proc.returncode != 0:
             reason = err.decode(errors="replace").strip().splitlines()
             raise api.PolicyBackendError(

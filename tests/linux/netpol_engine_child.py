@@ -18,6 +18,8 @@ import sys
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import uvloop
+
 from agent.netpol.backend import select_backend
 from agent.netpol.engine import PolicyEngine
 from agent.netpol.sources import DirectorySource
@@ -41,4 +43,4 @@ async def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1:]))
+    uvloop.run(main(sys.argv[1:]))  # the agent's loop (its subprocess pipes are socketpairs)
