@@ -27,6 +27,8 @@ from agent.cluster.node import check_cluster_args, describe_host, parse_labels, 
 from agent.containers import ContainerManager
 from agent.isolation.cgroups.base import check_root_name
 from agent.metrics import AgentMetrics
+from agent.netpol import wiring as policy_wiring
+from agent.netpol.engine import PolicyEngine
 from agent.sandbox.cgroups import SandboxCgroups
 from agent.sandbox.runtime import SandboxRuntime
 from agent.volumes_api import open_volumes
@@ -160,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: a cgroup per container when running as root (default); "
         "none: no cgroups at all (unsafe: only the wasm limits hold)",
     )
+    policy_wiring.add_arguments(parser)
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
@@ -202,12 +205,24 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        cluster: ClusterAgent | None = None
+        cluster = self._cluster(manager, store, metrics) if self.args.consul else None
+        # Cluster-wide policies come from the cluster's store; a single host's from its own.
+        policy = policy_wiring.make_engine(
+            self.args, store=cluster.store if cluster else store, registry=metrics.registry
+        )
+        policy_started: asyncio.Task[None] | None = None
         try:
+            if policy is not None:
+                # Loading the programs (bcc compiles them) runs beside recovery; the first
+                # apply waits for endpoints_synced(): until then the kernel keeps what the
+                # previous agent enforced, so a restart never opens a window.
+                policy_started = loop.create_task(policy.start())
             await manager.recover()  # first: orphaned cgroups go before the pool makes new ones
+            if policy is not None and policy_started is not None:
+                policy.endpoints_synced()
+                await policy_started  # a backend that cannot load stops the agent here
             await runtime.start()
-            if self.args.consul:
-                cluster = self._cluster(manager, store, metrics)
+            if cluster is not None:
                 await cluster.start()
             await self._serve_socket(
                 make_app(
@@ -216,23 +231,31 @@ class Agent:
                     node=self.args.node,
                     cluster=cluster,
                     volumes=volumes,
+                    policy_engine=policy,
                 )
             )
             if self.args.metrics_address:
                 await self._serve_tcp(make_metrics_app(metrics), self.args.metrics_address)
             log.info(
-                "agent ready: node=%s socket=%s pool=%d state=%s isolation=%s",
+                "agent ready: node=%s socket=%s pool=%d state=%s isolation=%s policy=%s",
                 self.args.node,
                 self.socket_path,
                 self.args.pool_size,
                 self.state_dir,
                 cgroups.describe() if cgroups else "none (no cgroups)",
+                _describe_policy(policy),
             )
             await stop.wait()
             log.info("shutting down; running containers keep running")
         finally:
             for runner in self._runners:
                 await runner.cleanup()
+            if policy_started is not None and not policy_started.done():
+                policy_started.cancel()
+                with contextlib.suppress(asyncio.CancelledError, errors.NovaError):
+                    await policy_started
+            if policy is not None:  # enforcement stays in the kernel for the next agent
+                await policy.close()  # before the cluster closes the store it follows
             if cluster is not None:
                 await cluster.close()
             if self._socket_bound:  # only our own socket: never another agent's
@@ -312,6 +335,12 @@ class Agent:
             raise errors.NovaError(
                 f"cannot serve /metrics on {address}: {exc.strerror or exc}"
             ) from None
+
+
+def _describe_policy(policy: PolicyEngine | None) -> str:
+    if policy is None:
+        return "off"
+    return f"{policy.backend.name} ({', '.join(source.name for source in policy.sources)})"
 
 
 def parse_address(address: str) -> tuple[str, int]:

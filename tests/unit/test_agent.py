@@ -34,6 +34,10 @@ pytestmark = pytest.mark.usefixtures("nova_dirs", "shared_module_cache", "no_lef
 
 NOVA_AGENT = console_script("nova-agent", "agent.main")
 READY_TIMEOUT_S = 30.0
+# Agents here share the host's network namespace, where the kernel's policy state (the
+# `nova` tables, filters on nvh* links) is one per host; tests/linux runs policy-enabled
+# agents in a namespace of their own.
+POLICY_OFF = ("--policy-backend", "none")
 EXIT_TIMEOUT_S = 15.0
 
 
@@ -54,7 +58,7 @@ class AgentProcess:
         self.log = dirs / f"agent-{time.monotonic_ns()}.log"
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*NOVA_AGENT, "--standalone", "--pool-size", "2", *extra],
+                [*NOVA_AGENT, "--standalone", "--pool-size", "2", *POLICY_OFF, *extra],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
