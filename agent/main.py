@@ -21,6 +21,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
+from agent import network_flags
 from agent.api import make_app, make_metrics_app
 from agent.cluster.agent import ClusterAgent
 from agent.cluster.node import check_cluster_args, describe_host, parse_labels, route_source
@@ -52,8 +53,9 @@ and fetches images by digest. When Consul does not answer it keeps running
 what it runs and retries (see docs/cluster-agent.md).
 
 Run as root, it gives every container a cgroup of its own (memory, CPU and
-pids limits; usage recorded when it ends) under --cgroup-root, and removes
-the cgroups a crash left behind when it starts.
+pids limits; usage recorded when it ends) under --cgroup-root, and a network
+namespace of its own on its Nova namespace's segment (--network), and when it
+starts it removes the cgroups and networks a crash left behind.
 """
 
 EPILOG = """\
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    network_flags.add_arguments(parser)
     return parser
 
 
@@ -190,8 +193,19 @@ class Agent:
         volumes = await asyncio.to_thread(open_volumes, self.state_dir)
         store = open_store(str(self.state_dir / "state.db"))
         await store.open()
+        network = None
+        if network_flags.wants_network(self.args, cgroups_on=cgroups is not None):
+            advertise = None
+            if self.args.consul:
+                advertise = self.args.advertise or route_source(self.args.consul)
+            network = network_flags.make_network(self.args, store=store, advertise=advertise)
+            await network.start()
         runtime = SandboxRuntime(
-            str(self.cache_dir), pool_size=self.args.pool_size, cgroups=cgroups
+            str(self.cache_dir),
+            pool_size=self.args.pool_size,
+            cgroups=cgroups,
+            network=network,
+            namespace_pool_size=self.args.namespace_pool_size,
         )
         metrics = AgentMetrics(runtime)
         manager = ContainerManager(
@@ -237,12 +251,14 @@ class Agent:
             if self.args.metrics_address:
                 await self._serve_tcp(make_metrics_app(metrics), self.args.metrics_address)
             log.info(
-                "agent ready: node=%s socket=%s pool=%d state=%s isolation=%s policy=%s",
+                "agent ready: node=%s socket=%s pool=%d state=%s isolation=%s network=%s "
+                "policy=%s",
                 self.args.node,
                 self.socket_path,
                 self.args.pool_size,
                 self.state_dir,
                 cgroups.describe() if cgroups else "none (no cgroups)",
+                network.describe() if network else "host (shared)",
                 _describe_policy(policy),
             )
             await stop.wait()
@@ -263,6 +279,8 @@ class Agent:
                     self.socket_path.unlink()
             await manager.close()
             await runtime.close()
+            if network is not None:
+                await network.close()  # segments no container uses any more
             await store.close()
 
     def _cluster(
