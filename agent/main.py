@@ -29,6 +29,7 @@ from agent.containers import ContainerManager
 from agent.isolation.cgroups.base import check_root_name
 from agent.metrics import AgentMetrics
 from agent.netpol import wiring as policy_wiring
+from agent.netpol.agent_hook import PolicyListener
 from agent.netpol.engine import PolicyEngine
 from agent.sandbox.cgroups import SandboxCgroups
 from agent.sandbox.runtime import SandboxRuntime
@@ -220,10 +221,14 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         cluster = self._cluster(manager, store, metrics) if self.args.consul else None
-        # Cluster-wide policies come from the cluster's store; a single host's from its own.
-        policy = policy_wiring.make_engine(
-            self.args, store=cluster.store if cluster else store, registry=metrics.registry
-        )
+        policy = None
+        if network is not None:  # policy acts on containers' own netns and veths
+            # Cluster-wide policies come from the cluster's store; a single host's from its own.
+            policy = policy_wiring.make_engine(
+                self.args, store=cluster.store if cluster else store, registry=metrics.registry
+            )
+        else:
+            policy_wiring.warn_without_network(self.args)
         policy_started: asyncio.Task[None] | None = None
         try:
             if policy is not None:
@@ -233,6 +238,8 @@ class Agent:
                 policy_started = loop.create_task(policy.start())
             await manager.recover()  # first: orphaned cgroups go before the pool makes new ones
             if policy is not None and policy_started is not None:
+                # Announces every adopted container now, then each one as it starts and ends.
+                manager.add_network_listener(PolicyListener(policy))
                 policy.endpoints_synced()
                 await policy_started  # a backend that cannot load stops the agent here
             await runtime.start()
@@ -251,8 +258,7 @@ class Agent:
             if self.args.metrics_address:
                 await self._serve_tcp(make_metrics_app(metrics), self.args.metrics_address)
             log.info(
-                "agent ready: node=%s socket=%s pool=%d state=%s isolation=%s network=%s "
-                "policy=%s",
+                "agent ready: node=%s socket=%s pool=%d state=%s isolation=%s network=%s policy=%s",
                 self.args.node,
                 self.socket_path,
                 self.args.pool_size,

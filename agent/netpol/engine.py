@@ -226,6 +226,10 @@ class PolicyEngine:
         self._changed()
 
     def add_endpoint(self, endpoint: Endpoint, *, name: str | None = None) -> None:
+        if self._endpoints.get(endpoint.key) == endpoint and (
+            not name or self._names.get(name) == endpoint.key
+        ):
+            return  # told again (starting, then up): nothing changes
         self._endpoints[endpoint.key] = endpoint
         if name:
             self._names[name] = endpoint.key
@@ -235,6 +239,37 @@ class PolicyEngine:
         if self._endpoints.pop(key, None) is not None:
             self._names = {n: k for n, k in self._names.items() if k != key}
             self._changed()
+
+    def selects(self, endpoint: Endpoint) -> bool:
+        """True when a policy in force selects `endpoint` (it is isolated in a direction)."""
+        return any(
+            p.namespace == endpoint.namespace and p.pod_selector.matches(endpoint.labels)
+            for p in self.policies
+        )
+
+    async def endpoint_starting(
+        self,
+        endpoint: Endpoint,
+        *,
+        name: str | None = None,
+        timeout: float = 5.0,  # noqa: ASYNC109
+    ) -> None:
+        """A container is about to run: report it, and when a policy selects it, return only
+        once that is enforced (its first packet meets its policy). Others do not wait: until
+        the next apply their address is unknown to the kernel, which only ever denies it.
+
+        Raises NovaError when enforcement does not come within `timeout`.
+        """
+        self.add_endpoint(endpoint, name=name)
+        if not self.selects(endpoint):
+            return
+        try:
+            await self.wait_applied(timeout)
+        except TimeoutError:
+            raise NovaError(
+                f"network policy for container {name or endpoint.key} was not enforced within "
+                f"{timeout:g}s ({self._state.error or 'apply pending'}); not starting it"
+            ) from None
 
     def endpoints_synced(self) -> None:
         """Every endpoint that exists has been reported: the first apply may run."""

@@ -98,6 +98,18 @@ def make_engine(
     )
 
 
+def warn_without_network(args: argparse.Namespace) -> None:
+    """Containers share the host's network (no netns of their own): nothing to enforce on."""
+    waiting = _policy_files(args.policy_dir) if args.policy_backend != "none" else []
+    if waiting:
+        log.warning(
+            "network policy needs per-container networks (--network); the policies in %s "
+            "(%s) are not enforced",
+            args.policy_dir,
+            ", ".join(waiting),
+        )
+
+
 def _policy_files(directory: Path) -> list[str]:
     try:
         return sorted(p.name for p in directory.iterdir() if is_policy_file(p.name))

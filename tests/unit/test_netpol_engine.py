@@ -25,6 +25,7 @@ from agent.netpol.sources import DirectorySource, StoreSource, parse_store_value
 from agent.netpol.tables import IPPROTO_TCP, CompiledPolicy, Endpoint
 from agent.netpol.wiring import add_arguments, make_engine
 from agent.netpol.yamltree import PolicyError
+from nova.errors import NovaError
 from nova.store import SqliteStore, keys
 from tests.unit.netpol_helpers import (
     ALLOW_B_TO_A,
@@ -513,3 +514,27 @@ def test_auto_without_a_backend_is_off_unless_policies_wait(
             store=None,
             registry=CollectorRegistry(),
         )
+
+
+async def test_a_selected_container_starts_only_once_enforced(policy_dir: Path) -> None:
+    """The agent awaits endpoint_starting() between making a container's sandbox and
+    running its workload: a selected container's first packet meets its policy."""
+    os.mkdir(policy_dir)
+    (policy_dir / "deny.yaml").write_text(DENY_A)
+    backend = RecordingBackend()
+    engine = PolicyEngine(backend, sources=[DirectorySource(policy_dir)], debounce_s=0.05)
+    engine.set_endpoints([C])
+    await engine.start()
+    try:
+        await engine.wait_applied()
+        before = len(backend.applied)
+        await engine.endpoint_starting(B, name="b")  # not selected: no wait for an apply
+        assert len(backend.applied) == before
+        await engine.endpoint_starting(A, name="a")  # selected: returns once enforced
+        assert isolated("ep-a")(backend.current) and "ep-b" in backend.current.endpoints
+        backend.fail_next = 1000  # a kernel refusing every change: the start fails, closed
+        selected_too = Endpoint("ep-a2", IPv4Address("10.0.1.9"), "x", {"pod": "a"}, "npc-xa2")
+        with pytest.raises(NovaError, match=r"a2 was not enforced within 0\.3s"):
+            await engine.endpoint_starting(selected_too, name="a2", timeout=0.3)
+    finally:
+        await engine.close()
