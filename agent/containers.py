@@ -67,6 +67,10 @@ class Supervised(Protocol):
 class NetworkListener(Protocol):
     """Told when a container with its own netns starts and ends (network policy)."""
 
+    async def container_starting(self, record: ContainerRecord) -> None:
+        """Its sandbox (netns, veth, address) exists, its workload is not running yet;
+        raising NovaError stops the start."""
+
     def container_up(self, record: ContainerRecord) -> None: ...
     def container_down(self, record: ContainerRecord) -> None: ...
 
@@ -221,18 +225,30 @@ class ContainerManager:
             artifact=str(module.artifact),
             run_dir=str(run_dir),
         )
+        record = ContainerRecord(id=container_id, name=name, node=self.node, spec=spec)
+        if worker.network is not None:
+            record.network = worker.network.to_json()
+        launched = False
         try:
+            # Network policy that selects it is in force before its first packet.
+            if record.network is not None:
+                for listener in self._network_listeners:
+                    await listener.container_starting(record)
+            launched = True  # launch() ends the worker itself when it fails
             container = await self.runtime.launch(spec, stdio, request_ns=request_ns, worker=worker)
         except errors.NovaError as exc:
             self.metrics.start_failures.labels(type(exc).__name__).inc()
+            if not launched:
+                await self.runtime.release(worker)
             shutil.rmtree(run_dir, ignore_errors=True)
+            if record.network is not None:
+                for listener in self._network_listeners:
+                    listener.container_down(record)
             raise
         finally:
             for fd in stdio:
                 os.close(fd)
-        record = ContainerRecord(id=container_id, name=name, node=self.node, spec=container.spec)
-        if worker.network is not None:
-            record.network = worker.network.to_json()
+        record.spec = container.spec
         record.pid = container.pid
         record.pid_start_ticks = pid_start_ticks(container.pid)
         self.metrics.container_starts.labels(str(container.pooled).lower()).inc()
