@@ -446,7 +446,7 @@ def test_a_daemonless_run_gets_its_netns_on_the_same_segment(
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for("the daemonless run's netns", lambda: set(leftovers()["netns"]) - before, 20)
+        wait_for("the daemonless run's netns", lambda: bool(set(leftovers()["netns"]) - before), 20)
         [netns] = set(leftovers()["netns"]) - before
         ip = in_netns(netns, "ip", "-4", "-o", "addr", "show", "dev", "eth0").split()[3]
         assert IPv4Address(ip.split("/")[0]) in node_cidr()
@@ -468,3 +468,16 @@ def test_a_daemonless_run_gets_its_netns_on_the_same_segment(
         _, stderr = daemonless.communicate(timeout=30)
     assert daemonless.returncode == 0, stderr  # an HTTP server stopped on request
     assert netns not in leftovers()["netns"]
+
+
+def test_an_idle_namespace_loses_its_pool_and_segment(
+    start_agent: StartAgent, examples: Path
+) -> None:
+    start_agent("--namespace-pool-idle", "2s")
+    result = nova("run", "--namespace", "team-q", examples / "hello.wasm")
+    assert result.returncode == 0, result.stderr
+    assert len(leftovers()["bridges"]) == 2  # default's and team-q's
+    wait_for("team-q's pool and bridge to go", lambda: len(leftovers()["bridges"]) == 1, 20)
+    assert len(leftovers()["netns"]) == 2  # the default pool's sandboxes only
+    result = nova("run", "--namespace", "team-q", examples / "hello.wasm")  # and it comes back
+    assert (result.returncode, result.stdout) == (0, "hello from wasm, world\n"), result.stderr
