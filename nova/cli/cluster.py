@@ -181,9 +181,13 @@ def format_status(body: dict[str, Any]) -> str:
     )
     last = body.get("last_pass")
     if last:
+        why = ", ".join(
+            f"{n} {r}" for r, n in sorted((last.get("unplaced_by_reason") or {}).items())
+        )
         lines.append(
-            f"last pass:    {last['replicas']} replicas, {last['unplaced']} unplaced, "
-            f"{last['moved']} moved, {last['written']} assignments written"
+            f"last pass:    {last['replicas']} replicas, {last['unplaced']} unplaced"
+            + (f" ({why})" if why else "")
+            + f", {last['moved']} moved, {last['written']} assignments written"
         )
     if nodes:
         lines.append("")

@@ -158,7 +158,11 @@ def test_capacity_constraints_spread_and_files(
                   "--constraint", "disk=ssd")  # fmt: skip
     assert done.returncode == 0, done.stderr
     last = settled(leader, 3)
-    assert last["unplaced"] == 1
+    assert (last["unplaced"], last["unplaced_by_reason"]) == (1, {"insufficient-resources": 1})
+    assert (
+        "1 unplaced (1 insufficient-resources)"
+        in nova("status", "--coordinator", leader.url).stdout
+    )
     assert set(placed(private_consul).values()) == {"small-ssd"}
     assert per_node(private_consul) == {"small-ssd": 2}
 
