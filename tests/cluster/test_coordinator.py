@@ -172,7 +172,8 @@ def test_capacity_constraints_spread_and_files(
         "apiVersion: nova.sh/v1\nkind: Deployment\n"
         "metadata: {name: web, namespace: team-a, labels: {app: web}}\n"
         "spec:\n  image: sleep:1\n  replicas: 2\n  resources: {cpu: 1, memory: 32Mi}\n"
-        "  constraints: {disk: hdd}\n  spread: zone\n  args: ['60']\n  env: {MODE: test}\n"
+        "  constraints: ['disk notin (ssd)']\n  spread: zone\n  args: ['60']\n"
+        "  env: {MODE: test}\n"
     )
     done = deploy([leader], "-f", spec)
     assert done.returncode == 0, done.stderr
