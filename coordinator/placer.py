@@ -32,6 +32,7 @@ from coordinator.leader import LeaderElection, NotLeader
 from coordinator.placement import (
     Node,
     Placement,
+    QuotaCheck,
     ReplicaId,
     Resources,
     Snapshot,
@@ -66,6 +67,7 @@ class PassReport:
     deployments: int = 0
     replicas: int = 0
     unplaced: int = 0
+    unplaced_by_reason: dict[str, int] = field(default_factory=dict)
     moved: int = 0
     written: int = 0
     txns: int = 0
@@ -107,6 +109,7 @@ class Placer:
         *,
         strategy: Strategy | str = Strategy.LEAST_LOADED,
         overcommit: float = 1.0,
+        quota: QuotaCheck | None = None,
         batch_ops: int = 63,
         concurrency: int = 2,
         debounce: float = 0.05,
@@ -119,6 +122,7 @@ class Placer:
         self.election = election
         self.strategy = Strategy(strategy)
         self.overcommit = overcommit
+        self.quota = quota  # tenant quotas plug in here (the quota model comes later)
         self.batch_ops = batch_ops
         self.concurrency = concurrency
         self.debounce = debounce
@@ -290,6 +294,7 @@ class Placer:
             [s.request() for s in specs.values()],
             strategy=self.strategy,
             overcommit=self.overcommit,
+            quota=self.quota,
         )
         encoder = AssignmentEncoder(specs.values())
         by_node = result.by_node()
@@ -313,6 +318,11 @@ class Placer:
         report.deployments = len(specs)
         report.replicas = len(result.decisions)
         report.unplaced = result.unplaced_count
+        for u in result.unplaced:
+            reason = str(u.reason)
+            report.unplaced_by_reason[reason] = report.unplaced_by_reason.get(reason, 0) + len(
+                u.indices
+            )
         report.moved = sum(d.is_moved for d in result.decisions)
         report.place_s = round(time.monotonic() - started, 3)
         return _Plan(

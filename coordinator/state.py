@@ -9,11 +9,21 @@ and docs/operations.md.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.placement import Node, Placement, ReplicaId, Request, Resources, Selector
+from coordinator.placement import (
+    Node,
+    Op,
+    Placement,
+    PlacementInputError,
+    ReplicaId,
+    Request,
+    Resources,
+    Selector,
+)
 from nova.store import KVEntry, encode_json, keys
 
 _EPOCH_SEP = b',"epoch":'
@@ -60,6 +70,57 @@ def node_of(entry: KVEntry) -> Node:
     )
 
 
+_SET = re.compile(r"^\s*([^\s!=()]+)\s+(in|notin)\s*\(([^()]*)\)\s*$")
+
+
+def parse_selector(text: str) -> Selector:
+    """A constraint on node labels, as users write it (Kubernetes' selector syntax):
+
+        zone=a   zone!=a   zone in (a,b)   zone notin (a,b)   gpu   !gpu
+
+    RecordError naming the expression when it is none of these.
+    """
+    if not isinstance(text, str):
+        raise RecordError(f"constraint {text!r} must be a string")
+    try:
+        if match := _SET.match(text):
+            key, op, values = match.groups()
+            items = [v.strip() for v in values.split(",") if v.strip()]
+            return Selector(key, Op.IN if op == "in" else Op.NOT_IN, tuple(items))
+        stripped = text.strip()
+        if "!=" in stripped:
+            key, value = (part.strip() for part in stripped.split("!=", 1))
+            return Selector.none_of(key, value)
+        if "=" in stripped:
+            key, value = (part.strip() for part in stripped.split("=", 1))
+            return Selector.equals(key, value.removeprefix("="))
+        if stripped.startswith("!"):
+            return Selector.absent(stripped[1:].strip())
+        if stripped and not any(c in stripped for c in " ()"):
+            return Selector.exists(stripped)
+    except PlacementInputError as exc:
+        raise RecordError(f"constraint {text!r}: {exc}") from None
+    raise RecordError(
+        f"constraint {text!r} is not one of: LABEL=VALUE, LABEL!=VALUE, LABEL in (A,B), "
+        "LABEL notin (A,B), LABEL, !LABEL"
+    )
+
+
+def _constraints(value: Any, where: str) -> tuple[str, ...]:
+    """Constraints as a list of expressions, or a mapping (each LABEL: VALUE an equality)."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        value = [f"{k}={v}" for k, v in value.items()]
+    if not isinstance(value, list):
+        raise RecordError(f"{where}: constraints must be a list of expressions or a mapping")
+    try:
+        selectors = sorted({parse_selector(item) for item in value})
+    except RecordError as exc:
+        raise RecordError(f"{where}: {exc}") from None
+    return tuple(str(s) for s in selectors)
+
+
 @dataclass(frozen=True, slots=True)
 class DeploymentSpec:
     """`nova/v1/deployments/<ns>/<name>`: what `nova deploy` asked for."""
@@ -72,7 +133,7 @@ class DeploymentSpec:
     cpu_millicores: int
     memory_bytes: int
     labels: dict[str, str] = field(default_factory=dict)
-    constraints: dict[str, str] = field(default_factory=dict)
+    constraints: tuple[str, ...] = ()  # node-label expressions, canonical (see parse_selector)
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     spread: str | None = None  # a node label (e.g. "zone") to spread replicas across
@@ -109,7 +170,7 @@ class DeploymentSpec:
             cpu_millicores=_int(value, "cpu_millicores", where),
             memory_bytes=_int(value, "memory_bytes", where),
             labels=_str_map(value, "labels", where),
-            constraints=_str_map(value, "constraints", where),
+            constraints=_constraints(value.get("constraints"), where),
             args=list(args),
             env=_str_map(value, "env", where),
             spread=spread,
@@ -126,7 +187,7 @@ class DeploymentSpec:
             "cpu_millicores": self.cpu_millicores,
             "memory_bytes": self.memory_bytes,
             "labels": self.labels,
-            "constraints": self.constraints,
+            "constraints": list(self.constraints),
             "args": self.args,
             "env": self.env,
             "spread": self.spread,
@@ -143,7 +204,7 @@ class DeploymentSpec:
             self.name,
             self.replicas,
             Resources(self.cpu_millicores, self.memory_bytes),
-            tuple(Selector.equals(k, v) for k, v in sorted(self.constraints.items())),
+            tuple(parse_selector(c) for c in self.constraints),
             self.spread,
         )
 

@@ -158,7 +158,11 @@ def test_capacity_constraints_spread_and_files(
                   "--constraint", "disk=ssd")  # fmt: skip
     assert done.returncode == 0, done.stderr
     last = settled(leader, 3)
-    assert last["unplaced"] == 1
+    assert (last["unplaced"], last["unplaced_by_reason"]) == (1, {"insufficient-resources": 1})
+    assert (
+        "1 unplaced (1 insufficient-resources)"
+        in nova("status", "--coordinator", leader.url).stdout
+    )
     assert set(placed(private_consul).values()) == {"small-ssd"}
     assert per_node(private_consul) == {"small-ssd": 2}
 
@@ -168,7 +172,8 @@ def test_capacity_constraints_spread_and_files(
         "apiVersion: nova.sh/v1\nkind: Deployment\n"
         "metadata: {name: web, namespace: team-a, labels: {app: web}}\n"
         "spec:\n  image: sleep:1\n  replicas: 2\n  resources: {cpu: 1, memory: 32Mi}\n"
-        "  constraints: {disk: hdd}\n  spread: zone\n  args: ['60']\n  env: {MODE: test}\n"
+        "  constraints: ['disk notin (ssd)']\n  spread: zone\n  args: ['60']\n"
+        "  env: {MODE: test}\n"
     )
     done = deploy([leader], "-f", spec)
     assert done.returncode == 0, done.stderr

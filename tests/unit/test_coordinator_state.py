@@ -20,6 +20,7 @@ from coordinator.state import (
     DeploymentSpec,
     RecordError,
     node_of,
+    parse_selector,
     split_assignment,
 )
 from nova import errors
@@ -64,6 +65,7 @@ def test_assignment_values_are_canonical_json_the_agent_reads() -> None:
 def test_deployment_specs_map_to_requests_and_refuse_bad_fields() -> None:
     request = spec().request()
     assert request.constraints == (Selector.equals("zone", "a"),)
+    assert spec().constraints == ("zone=a",)  # a mapping is equalities
     assert request.spread_key == "zone"
     assert spec().same_spec(spec(generation=4))
     assert not spec().same_spec(spec(replicas=4))
@@ -73,9 +75,33 @@ def test_deployment_specs_map_to_requests_and_refuse_bad_fields() -> None:
         ({"digest": "latest"}, "image digest"),
         ({"args": "x"}, "args must be a list of strings"),
         ({"spread": "a b"}, "spread label"),
+        ({"constraints": ["zone in ()"]}, r"constraint 'zone in \(\)'"),
+        ({"constraints": ["zone (a)"]}, "is not one of"),
+        ({"constraints": "zone=a"}, "must be a list of expressions or a mapping"),
     ):
         with pytest.raises(RecordError, match=says):
             spec(**bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "selector", "canonical"),
+    [
+        ("disk=ssd", Selector.equals("disk", "ssd"), "disk=ssd"),
+        (" disk = ssd ", Selector.equals("disk", "ssd"), "disk=ssd"),
+        ("tier!=edge", Selector.none_of("tier", "edge"), "tier notin (edge)"),
+        ("zone in (b, a)", Selector.one_of("zone", "a", "b"), "zone in (a,b)"),
+        ("zone notin (a)", Selector.none_of("zone", "a"), "zone notin (a)"),
+        ("gpu", Selector.exists("gpu"), "gpu"),
+        ("!gpu", Selector.absent("gpu"), "!gpu"),
+    ],
+)
+def test_constraint_expressions(text: str, selector: Selector, canonical: str) -> None:
+    assert parse_selector(text) == selector
+    assert str(selector) == canonical
+    assert parse_selector(canonical) == selector  # what the spec stores parses back the same
+    assert spec(constraints=[text, "disk=ssd"]).request().constraints == tuple(
+        sorted({selector, Selector.equals("disk", "ssd")})
+    )
 
 
 def test_node_keys_health_is_the_session() -> None:
