@@ -2,13 +2,16 @@
 
     GET    /v1/health                          liveness and identity
     GET    /metrics                            Prometheus exposition
-    POST   /v1/containers                      create + start   (body: see parse_create)
+    POST   /v1/containers                      create + start   (body: see parse_create;
+                                               {"image": REF} instead of "module" in a cluster)
     GET    /v1/containers[?all=1]              list (running, or all)
     GET    /v1/containers/{ref}                one container
     POST   /v1/containers/{ref}/stop[?grace=S] stop, return the final record
     GET    /v1/containers/{ref}/wait           block until it exits
     GET    /v1/containers/{ref}/logs?stream=stdout|stderr&follow=1
     DELETE /v1/containers/{ref}                forget an exited container
+    /v1/volumes...                             encrypted volumes (agent/volumes_api.py)
+    GET    /v1/policies, POST /v1/policies/test network policy (agent/netpol/api.py)
 
 Errors are JSON: {"error": "<one line for users>", "kind": "<class>", "exit_code": N}.
 """
@@ -18,16 +21,21 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent import volumes_api
 from agent.containers import Conflict, ContainerManager, NotFound
 from agent.isolation.cgroups import parse_millicores
+from agent.isolation.volumes import VolumeManager
 from agent.metrics import AgentMetrics
+from agent.netpol.api import register_routes as register_policy_routes
+from agent.netpol.engine import PolicyEngine
 from agent.sandbox.spec import DirMount, Isolation, RunSpec
 from nova import errors
 from nova.store import StoreError
@@ -35,9 +43,18 @@ from nova.units import parse_duration, parse_size
 
 log = logging.getLogger("nova.agent.api")
 
+
+class ClusterHooks(Protocol):
+    """What the API needs of an agent in a cluster (`nova-agent --consul`)."""
+
+    def describe(self) -> dict[str, Any]: ...
+    async def image_path(self, ref: str) -> str: ...
+
+
 MANAGER = web.AppKey("manager", ContainerManager)
 METRICS = web.AppKey("metrics", AgentMetrics)
 NODE = web.AppKey("node", str)
+CLUSTER = web.AppKey("cluster", ClusterHooks)
 
 _CREATE_FIELDS = {
     "module",
@@ -52,6 +69,8 @@ _CREATE_FIELDS = {
     "cpu",
     "pids",
     "isolation",
+    "namespace",
+    "volumes",
 }
 
 # Names travel in API paths and appear in `nova ps`: keep them to a safe alphabet.
@@ -139,6 +158,7 @@ def parse_create(body: Any) -> RunSpec:
     if not isinstance(isolation_text, str):
         raise errors.UsageError(f"invalid isolation {isolation_text!r}: expected auto or none")
     isolation = Isolation.parse(isolation_text)
+    namespace, volumes = volumes_api.parse_run_fields(body)
     if isolation is Isolation.NONE and (cpu is not None or pids is not None):
         raise errors.UsageError(
             "cpu and pids limits need a cgroup, and isolation 'none' has none: "
@@ -160,6 +180,8 @@ def parse_create(body: Any) -> RunSpec:
         cpu_millicores=cpu,
         pids_max=pids,
         isolation=isolation,
+        namespace=namespace,
+        volumes=volumes,
     )
 
 
@@ -206,9 +228,12 @@ def _duration_field(value: Any) -> float | None:
 
 async def health(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
-    return web.json_response(
-        {"ok": True, "node": request.app[NODE], "pid": os.getpid(), "active": len(manager.list())}
-    )
+    body: dict[str, Any] = {
+        "ok": True, "node": request.app[NODE], "pid": os.getpid(), "active": len(manager.list())
+    }  # fmt: skip
+    if CLUSTER in request.app:
+        body["cluster"] = request.app[CLUSTER].describe()
+    return web.json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -222,8 +247,31 @@ async def create(request: web.Request) -> web.Response:
         body = await request.json()
     except ValueError:
         raise errors.UsageError("request body is not valid JSON") from None
-    record = await request.app[MANAGER].create(parse_create(body), request_ns=request_ns)
+    if isinstance(body, dict) and "image" in body:
+        body = await _image_to_module(request.app, body)
+    spec = await volumes_api.resolve_run(request.app, parse_create(body))
+    record = await request.app[MANAGER].create(spec, request_ns=request_ns)
     return web.json_response(record.summary(), status=201)
+
+
+async def _image_to_module(app: web.Application, body: dict[str, Any]) -> dict[str, Any]:
+    """`{"image": REF}` -> `{"module": <the fetched, verified file>}`; needs --consul."""
+    ref = body.pop("image")
+    if "module" in body:
+        raise errors.UsageError("give either 'module' or 'image', not both")
+    if not isinstance(ref, str):
+        raise errors.UsageError(f"invalid image {ref!r}: expected NAME:TAG or sha256:…")
+    if CLUSTER not in app:
+        raise errors.UsageError(
+            "images live in the cluster: this agent runs --standalone; "
+            "start it with --consul URL (or run a .wasm file)"
+        )
+    body["module"] = await app[CLUSTER].image_path(ref)
+    stem = "app" if ref.startswith("sha256:") else ref.partition(":")[0]
+    body.setdefault("argv", [stem])
+    if not body.get("name"):
+        body["name"] = f"{stem}-{secrets.token_hex(3)}"
+    return body
 
 
 async def list_containers(request: web.Request) -> web.Response:
@@ -276,8 +324,18 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def make_app(*, manager: ContainerManager, metrics_: AgentMetrics, node: str) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+def make_app(
+    *,
+    manager: ContainerManager,
+    metrics_: AgentMetrics,
+    node: str,
+    cluster: ClusterHooks | None = None,
+    volumes: VolumeManager | None = None,
+    policy_engine: PolicyEngine | None = None,
+) -> web.Application:
+    app = web.Application(middlewares=[error_middleware, volumes_api.error_middleware])
+    if cluster is not None:
+        app[CLUSTER] = cluster
     app[MANAGER] = manager
     app[METRICS] = metrics_
     app[NODE] = node
@@ -290,6 +348,8 @@ def make_app(*, manager: ContainerManager, metrics_: AgentMetrics, node: str) ->
     app.router.add_get("/v1/containers/{ref}/wait", wait_container)
     app.router.add_get("/v1/containers/{ref}/logs", container_logs)
     app.router.add_delete("/v1/containers/{ref}", remove_container)
+    volumes_api.register(app, volumes)
+    register_policy_routes(app, policy_engine)  # /v1/policies, /v1/policies/test
     return app
 
 

@@ -22,13 +22,16 @@ import uvloop
 from aiohttp import web
 
 from agent.api import make_app, make_metrics_app
+from agent.cluster.agent import ClusterAgent
+from agent.cluster.node import check_cluster_args, describe_host, parse_labels, route_source
 from agent.containers import ContainerManager
 from agent.isolation.cgroups.base import check_root_name
 from agent.metrics import AgentMetrics
 from agent.sandbox.cgroups import SandboxCgroups
 from agent.sandbox.runtime import SandboxRuntime
+from agent.volumes_api import open_volumes
 from nova import errors, paths
-from nova.store import open_store
+from nova.store import Store, open_store
 
 log = logging.getLogger("nova.agent")
 
@@ -39,6 +42,12 @@ The agent runs WebAssembly containers, each in its own worker process taken
 from a warm pool, and serves the local API that `nova run`, `nova ps`,
 `nova logs` and `nova stop` use. Containers keep running across agent
 restarts: a restarted agent adopts them.
+
+With --consul URL it joins a cluster: it registers the node in Consul
+(service nova-agent, a TTL check, a session holding nova/v1/nodes/NODE),
+runs exactly the replicas the coordinator assigns it, reports their status,
+and fetches images by digest. When Consul does not answer it keeps running
+what it runs and retries (see docs/cluster-agent.md).
 
 Run as root, it gives every container a cgroup of its own (memory, CPU and
 pids limits; usage recorded when it ends) under --cgroup-root, and removes
@@ -52,12 +61,14 @@ files:
   /var/lib/nova/containers  per-container logs and results
   /var/lib/nova/cache       compiled modules (NOVA_CACHE_DIR)
   /sys/fs/cgroup/.../nova   container cgroups, root only (NOVA_CGROUP_ROOT)
+  /var/lib/nova/volumes     encrypted volumes and their wrapped keys, root only
   (non-root users get XDG directories instead; see docs/cli.md)
 
 examples:
   nova-agent --standalone
   nova-agent --standalone --pool-size 16 --metrics-address 0.0.0.0:9464
   nova-agent --standalone --cgroup-root system.slice/nova-agent.service/payload
+  nova-agent --consul http://127.0.0.1:8500 --labels zone=a,disk=ssd --advertise 10.0.0.5
 
 exit status:
   0 on a clean shutdown (SIGTERM, SIGINT), 2 on a usage error,
@@ -81,7 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--consul",
         metavar="URL",
-        help="cluster mode through the Consul agent at URL (not available in this release)",
+        help="cluster mode through the Consul agent at URL, e.g. http://127.0.0.1:8500",
+    )
+    parser.add_argument(
+        "--labels",
+        metavar="K=V,...",
+        default="",
+        help="node labels placement constraints match, e.g. zone=a,disk=ssd (--consul)",
+    )
+    parser.add_argument(
+        "--advertise",
+        metavar="IP",
+        default=None,
+        help="IPv4 address of this node for the cluster and the VXLAN underlay "
+        "(--consul; default: the address the route to Consul leaves from)",
     )
     parser.add_argument(
         "--node", default=socket.gethostname(), help="node name (default: hostname)"
@@ -153,6 +177,7 @@ class Agent:
         if paths.socket_answers(self.socket_path):  # fail before starting anything
             raise errors.NovaError(f"{self.socket_path} is in use by a running agent")
         cgroups = await asyncio.to_thread(self._cgroups)
+        volumes = await asyncio.to_thread(open_volumes, self.state_dir)
         store = open_store(str(self.state_dir / "state.db"))
         await store.open()
         runtime = SandboxRuntime(
@@ -170,11 +195,21 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        cluster: ClusterAgent | None = None
         try:
             await manager.recover()  # first: orphaned cgroups go before the pool makes new ones
             await runtime.start()
+            if self.args.consul:
+                cluster = self._cluster(manager, store, metrics)
+                await cluster.start()
             await self._serve_socket(
-                make_app(manager=manager, metrics_=metrics, node=self.args.node)
+                make_app(
+                    manager=manager,
+                    metrics_=metrics,
+                    node=self.args.node,
+                    cluster=cluster,
+                    volumes=volumes,
+                )
             )
             if self.args.metrics_address:
                 await self._serve_tcp(make_metrics_app(metrics), self.args.metrics_address)
@@ -191,12 +226,28 @@ class Agent:
         finally:
             for runner in self._runners:
                 await runner.cleanup()
+            if cluster is not None:
+                await cluster.close()
             if self._socket_bound:  # only our own socket: never another agent's
                 with contextlib.suppress(FileNotFoundError):
                     self.socket_path.unlink()
             await manager.close()
             await runtime.close()
             await store.close()
+
+    def _cluster(
+        self, manager: ContainerManager, store: Store, metrics: AgentMetrics
+    ) -> ClusterAgent:
+        address = self.args.advertise or route_source(self.args.consul)
+        info = describe_host(self.args.node, address, parse_labels(self.args.labels))
+        return ClusterAgent(
+            consul_url=self.args.consul,
+            info=info,
+            manager=manager,
+            local=store,
+            cache_dir=self.cache_dir,
+            registry=metrics.registry,
+        )
 
     def _cgroups(self) -> SandboxCgroups | None:
         """Container cgroups, unless --isolation none or the host cannot (not root)."""
@@ -271,12 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    if args.consul:
-        print(
-            "nova-agent: cluster mode (--consul) is not available in this release; "
-            "use --standalone",
-            file=sys.stderr,
-        )
+    try:
+        check_cluster_args(args)
+    except errors.UsageError as exc:
+        print(f"nova-agent: {exc.message}", file=sys.stderr)
         return errors.EXIT_USAGE
     if args.pool_size < 0:
         print("nova-agent: --pool-size must be 0 or more", file=sys.stderr)

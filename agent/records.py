@@ -68,6 +68,7 @@ class ContainerRecord:
             "startup_us": self.startup_us,
             "http_port": self.spec.http_port,
             "isolation": self.spec.isolation.value,
+            "namespace": self.spec.namespace,
             "limits": {
                 "memory_bytes": self.spec.memory_bytes,
                 "cpu_millicores": self.spec.cpu_millicores,

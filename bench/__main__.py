@@ -38,6 +38,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         "HTTP serving of a wasm container (WAGI): throughput and latency against its peers",
     ),
     "placement": Benchmark("bench.placement", "pure placement engine: 1M containers, 10k nodes"),
+    "netpol": Benchmark(
+        "bench.netpol",
+        "network policy: eBPF vs nftables vs iptables at 0-10,000 rules; policy update latency",
+    ),
 }
 
 

@@ -22,6 +22,7 @@ PACKAGES=(
     python3-venv python3-bpfcc bpfcc-tools              # .venv; eBPF policy backend (bcc)
     linux-headers-amd64                                 # kernel headers for bcc
     nftables iptables iproute2 iputils-ping             # nftables backend; netns, veth, tc; probes
+    e2fsprogs                                           # encrypted volumes: mkfs.ext4 -O encrypt
     build-essential git ca-certificates
 )
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import wasmtime
 from agent.sandbox import engine as engine_mod
 from agent.sandbox import wasi
 from nova import errors
+from nova.files import atomic_write
 
 log = logging.getLogger("nova.agent.sandbox.cache")
 
@@ -239,8 +239,8 @@ class ModuleCache:
         }
         try:
             artifact.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            _atomic_write(artifact, bytes(blob))
-            _atomic_write(self._meta_path(artifact), json.dumps(meta, indent=1).encode())
+            atomic_write(artifact, bytes(blob))
+            atomic_write(self._meta_path(artifact), json.dumps(meta, indent=1).encode())
         except OSError as exc:
             # A full or read-only disk costs speed, not correctness: run from memory.
             log.warning("module cache: cannot write %s: %s", artifact, exc.strerror)
@@ -286,16 +286,3 @@ def _read(path: str) -> bytes:
         raise errors.ModuleNotFound(f"{path}: permission denied") from None
     except OSError as exc:
         raise errors.ModuleNotFound(f"{path}: {exc.strerror}") from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -13,6 +13,19 @@ from typing import Any
 from nova import errors
 
 
+def _split_mount(text: str, flag: str, example: str) -> tuple[str, str, bool]:
+    """`SOURCE[:GUEST][:ro|rw]` -> (source, guest, read_only); GUEST defaults to SOURCE."""
+    parts = text.split(":")
+    read_only = False
+    if len(parts) == 3 and parts[2] in ("ro", "rw"):
+        read_only = parts.pop() == "ro"
+    if len(parts) == 1:
+        parts.append(parts[0])
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise errors.UsageError(f"invalid {flag} {text!r}: expected {example}")
+    return parts[0], parts[1], read_only
+
+
 @dataclass(frozen=True, slots=True)
 class DirMount:
     """A host directory preopened for the guest (`--dir HOST:GUEST[:ro]`)."""
@@ -23,17 +36,42 @@ class DirMount:
 
     @classmethod
     def parse(cls, text: str) -> DirMount:
-        parts = text.split(":")
-        read_only = False
-        if len(parts) == 3 and parts[2] in ("ro", "rw"):
-            read_only = parts.pop() == "ro"
-        if len(parts) == 1:
-            parts.append(parts[0])
-        if len(parts) != 2 or not parts[0] or not parts[1]:
+        host, guest, read_only = _split_mount(
+            text, "--dir", "HOST[:GUEST][:ro], e.g. ./data:/data:ro"
+        )
+        return cls(host=host, guest=guest, read_only=read_only)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeMount:
+    """A Nova volume preopened for the guest (`--volume NAME:GUEST[:ro]`).
+
+    `name` is the volume's name in the container's namespace (`NS/NAME` is
+    accepted for that same namespace only). `host` is empty as the user asks;
+    the agent fills in the volume's directory before the spec reaches a worker.
+    """
+
+    name: str
+    guest: str
+    read_only: bool = False
+    host: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> VolumeMount:
+        name, guest, read_only = _split_mount(text, "--volume", "NAME:GUEST[:ro], e.g. data:/data")
+        if guest == name:
             raise errors.UsageError(
-                f"invalid --dir {text!r}: expected HOST[:GUEST][:ro], e.g. ./data:/data:ro"
+                f"invalid --volume {text!r}: expected NAME:GUEST[:ro], e.g. {name}:/data"
             )
-        return cls(host=parts[0], guest=parts[1], read_only=read_only)
+        return cls(name=name, guest=guest, read_only=read_only)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "guest": self.guest,
+            "read_only": self.read_only,
+            "host": self.host,
+        }
 
 
 class Isolation(enum.StrEnum):
@@ -81,6 +119,19 @@ class RunSpec:
     cpu_millicores: int | None = None  # CFS quota: 500 = half a core
     pids_max: int | None = None  # processes + threads of the worker; None: the default cap
     isolation: Isolation = Isolation.AUTO
+    namespace: str = "default"  # the Nova namespace (tenant) the container belongs to
+    volumes: tuple[VolumeMount, ...] = ()
+
+    def preopens(self) -> list[tuple[str, str, bool]]:
+        """(host, guest, read_only) of every directory the guest gets: --dir, then volumes."""
+        found = [(d.host, d.guest, d.read_only) for d in self.dirs]
+        for volume in self.volumes:
+            if (
+                not volume.host
+            ):  # the agent resolves volumes; a worker cannot (OSError: it fails the run)
+                raise OSError(f"volume {volume.name!r} was not resolved to a host directory")
+            found.append((volume.host, volume.guest, volume.read_only))
+        return found
 
     def to_json(self) -> dict[str, Any]:
         # Field by field: dataclasses.asdict deep-copies and is slow on the start path.
@@ -103,6 +154,8 @@ class RunSpec:
             "cpu_millicores": self.cpu_millicores,
             "pids_max": self.pids_max,
             "isolation": self.isolation.value,
+            "namespace": self.namespace,
+            "volumes": [v.to_json() for v in self.volumes],
         }
 
     @classmethod
@@ -124,6 +177,8 @@ class RunSpec:
             cpu_millicores=data.get("cpu_millicores"),
             pids_max=data.get("pids_max"),
             isolation=Isolation(data.get("isolation", Isolation.NONE)),
+            namespace=data.get("namespace", "default"),
+            volumes=tuple(VolumeMount(**v) for v in data.get("volumes", ())),
         )
 
 

@@ -129,7 +129,7 @@ class RequestRunner:
         argv = [arg.encode() for arg in (spec.argv or (spec.name,))]
         self._argv = (ctypes.c_char_p * len(argv))(*argv)
         self._argv_count = len(argv)
-        self._dirs = [(d.host.encode(), d.guest.encode(), not d.read_only) for d in spec.dirs]
+        self._dirs = [(h.encode(), g.encode(), not ro) for h, g, ro in spec.preopens()]
 
     def close(self) -> None:
         if self._ticker is not None:

@@ -261,8 +261,7 @@ def execute(
             store.set_epoch_deadline(max(1, round(spec.timeout_s / EPOCH_TICK_S)))
         else:
             store.set_epoch_deadline(NO_DEADLINE_TICKS)
-        dirs = ((d.host, d.guest, d.read_only) for d in spec.dirs)
-        store.set_wasi(wasi.configure_run(standby.wasi, spec.argv, spec.env, dirs))
+        store.set_wasi(wasi.configure_run(standby.wasi, spec.argv, spec.env, spec.preopens()))
         if standby.digest == spec.digest and standby.instance is not None:
             instance, start = standby.instance, standby.start
             if spec.memory_bytes is not None and _memory_size(store, instance) > spec.memory_bytes:

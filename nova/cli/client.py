@@ -59,6 +59,10 @@ class AgentClient:
                 f"cannot reach the agent at {self.socket_path}: {exc}"
             ) from None
 
+    async def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json("GET", "/v1/health")
+        return result
+
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self._json("POST", "/v1/containers", json=body)
         return result

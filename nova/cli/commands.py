@@ -25,6 +25,17 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         body = _create_body(args)
         if args.no_agent or not agent_listening(socket_path):
+            if args.image:
+                raise errors.AgentUnavailable(
+                    f"--image needs an agent started with --consul, and none answers at "
+                    f"{socket_path}"
+                )
+            if body.get("volumes"):
+                raise errors.AgentUnavailable(
+                    f"--volume needs a running agent (it keeps the volumes and their keys), "
+                    f"and none answers at {socket_path}; start one with "
+                    "`nova-agent --standalone` as root"
+                )
             if args.detach:
                 raise errors.AgentUnavailable(
                     f"--detach needs a running agent, and none answers at {socket_path}; "
@@ -51,12 +62,23 @@ def _create_body(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not name:
             raise errors.UsageError(f"invalid --env {item!r}: expected NAME=VALUE")
         env[name] = value
-    body: dict[str, Any] = {
-        "module": os.path.abspath(args.module),
-        "argv": [os.path.basename(args.module), *args.args],
-        "env": env,
-        "dirs": [_check_dir(d) for d in args.dir],
-    }
+    body: dict[str, Any]
+    if args.image:
+        from nova.cli.image import image_body
+
+        body = image_body(args)
+    else:
+        if not args.module:
+            raise errors.UsageError("MODULE (a .wasm file) or --image NAME:TAG is required")
+        body = {
+            "module": os.path.abspath(args.module),
+            "argv": [os.path.basename(args.module), *args.args],
+        }
+    body["env"] = env
+    body["dirs"] = [_check_dir(d) for d in args.dir]
+    if args.volume or args.namespace != "default":
+        body["namespace"] = args.namespace
+        body["volumes"] = [_check_volume(v) for v in args.volume]
     if args.name:
         body["name"] = args.name
     if args.memory is not None:
@@ -80,7 +102,7 @@ def _create_body(args: argparse.Namespace) -> dict[str, Any]:
             raise errors.UsageError(f"invalid --port {args.port}: expected 1-65535")
         body["http_port"] = args.port
         body["http_host"] = args.host
-    if not os.path.exists(args.module):
+    if not args.image and not os.path.exists(args.module):
         raise errors.ModuleNotFound(f"{args.module}: no such file")
     return body
 
@@ -110,6 +132,13 @@ def _check_dir(text: str) -> str:
     if not os.path.isdir(mount.host):
         raise errors.UsageError(f"invalid --dir {text!r}: {mount.host} is not a directory")
     return f"{os.path.abspath(mount.host)}:{mount.guest}{':ro' if mount.read_only else ''}"
+
+
+def _check_volume(text: str) -> str:
+    from agent.sandbox.spec import VolumeMount
+
+    VolumeMount.parse(text)  # the syntax here; the agent checks that the volume exists
+    return text
 
 
 async def _run_via_agent(socket_path: Path, body: dict[str, Any], *, detach: bool) -> int:
@@ -154,6 +183,7 @@ def _report_exit(name: str, record: dict[str, Any]) -> int:
 async def _ps(socket_path: Path, args: argparse.Namespace) -> int:
     async with AgentClient(socket_path) as client:
         records = await client.list(include_all=args.all)
+        _cluster_notice(await client.health())
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
@@ -182,6 +212,19 @@ async def _ps(socket_path: Path, args: argparse.Namespace) -> int:
             ).rstrip()
         )
     return 0
+
+
+def _cluster_notice(health: dict[str, Any]) -> None:
+    """One line on stderr while the agent's cluster store does not answer."""
+    cluster = health.get("cluster") or {}
+    since = cluster.get("unavailable_since")
+    if since:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+        print(
+            f"nova: cluster store {cluster.get('consul')} unavailable since {at} "
+            f"({cluster.get('last_error')}); containers keep running",
+            file=sys.stderr,
+        )
 
 
 def _age(seconds: float) -> str:

@@ -11,6 +11,8 @@ import sys
 from typing import NoReturn
 
 from nova import errors
+from nova.cli import policy as policy_cli
+from nova.cli import volume
 
 TOP_DESCRIPTION = """\
 Nova runs WebAssembly (WASI) programs as containers: each in its own sandboxed
@@ -24,7 +26,10 @@ commands:
   logs     print a container's output
   stop     stop a running container
   rm       forget an exited container and delete its logs
+  image    push, list and inspect images in the cluster (Consul)
   doctor   report what this host supports (cgroups, BPF, VXLAN, nftables, ...)
+  volume   create, list and remove encrypted volumes (nova volume --help)
+  policy   show and test network policy (status, test)
 
 Run `nova COMMAND --help` for a command's options.
 
@@ -63,6 +68,8 @@ examples:
   nova run cat.wasm --dir ./data:/data:ro -- /data/notes.txt
   nova run --detach --name web --port 8080 handler.wasm
   nova run --cpu 500m --pids 16 --memory 64Mi cpu-spin.wasm -- 5
+  nova run --image web:1.0 -- arg1        (an agent with --consul fetches it)
+  nova run --namespace team-a --volume data:/data cat.wasm -- /data/notes.txt
 
 sizes: 64Mi, 1Gi, 500M, 1048576 (bytes). durations: 250ms, 5s, 2m.
 cpu: 500m (half a core), 0.25, 2 (cores).
@@ -105,7 +112,13 @@ def build_parser() -> NovaArgumentParser:
         epilog=RUN_EPILOG,
         formatter_class=raw,
     )
-    run.add_argument("module", metavar="MODULE", help="path of a .wasm file")
+    run.add_argument("module", metavar="MODULE", nargs="?", help="path of a .wasm file")
+    run.add_argument(
+        "--image",
+        metavar="NAME:TAG",
+        help="run an image from the cluster instead of MODULE (NAME:TAG or sha256:…; "
+        "needs an agent started with --consul)",
+    )
     run.add_argument("args", metavar="ARGS", nargs="*", help="arguments for the module (after --)")
     run.add_argument(
         "--name",
@@ -122,6 +135,15 @@ def build_parser() -> NovaArgumentParser:
     run.add_argument(
         "--dir", action="append", default=[], metavar="HOST[:GUEST][:ro]",
         help="preopen a host directory for the guest, read-only with :ro (repeatable)",
+    )  # fmt: skip
+    run.add_argument(
+        "--volume", action="append", default=[], metavar="NAME:GUEST[:ro]",
+        help="mount an encrypted volume of the container's namespace (see `nova volume`; "
+        "needs the agent) (repeatable)",
+    )  # fmt: skip
+    run.add_argument(
+        "--namespace", default="default", metavar="NS",
+        help="the Nova namespace (tenant) to run in (default: default)",
     )  # fmt: skip
     run.add_argument("--memory", metavar="SIZE", help="cap the module's linear memory, e.g. 64Mi")
     run.add_argument(
@@ -194,6 +216,12 @@ def build_parser() -> NovaArgumentParser:
         description="Report the kernel features and tools Nova uses on this host.",
     )
     doctor.add_argument("--json", action="store_true", help="print JSON")
+
+    from nova.cli import image
+
+    image.add_parser(commands)
+    volume.add_parser(commands)
+    policy_cli.add_parser(commands)
     return parser
 
 
@@ -229,7 +257,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if command == "run" and "--" in rest:
         cut = rest.index("--")
         rest, guest = rest[:cut], rest[cut + 1 :]
-    args = subparsers[command].parse_intermixed_args(rest)
+    command_parser = subparsers[command]
+    if _subparsers(command_parser):  # intermixed parsing cannot nest subcommands
+        args = command_parser.parse_args(rest)
+    else:
+        args = command_parser.parse_intermixed_args(rest)
     args.command = command
     args.socket = socket_path
     if command == "run":
@@ -251,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             from nova import doctor
 
             return doctor.main(["--json"] if args.json else [])
+        if args.command == "image":
+            from nova.cli import image
+
+            return image.main(args)
+        if args.command == "volume":
+            return volume.main(args)
+        if args.command == "policy":
+            return policy_cli.dispatch(args)
         from nova.cli import commands
 
         return commands.dispatch(args)

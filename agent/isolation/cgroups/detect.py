@@ -8,9 +8,9 @@ otherwise the unified cgroup2 hierarchy has it. Parsing and choosing are pure
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from agent.isolation import mountinfo
 from agent.isolation.cgroups.base import LIMIT_CONTROLLERS, Cgroups
 from agent.isolation.cgroups.errors import NoCgroupFilesystem
 from agent.isolation.cgroups.v1 import V1_CONTROLLERS, CgroupsV1
@@ -38,30 +38,18 @@ class Layout:
     v1_mounts: dict[str, str] = field(default_factory=dict)  # controller -> mount point
 
 
-def _unescape(text: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
 def parse_mountinfo(text: str) -> list[CgroupMount]:
     """The cgroup and cgroup2 mounts in mountinfo text, in order."""
-    mounts: list[CgroupMount] = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields, fs_fields = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(fs_fields) < 3:
-            continue
-        if fs_fields[0] not in ("cgroup", "cgroup2"):
-            continue
-        mounts.append(
-            CgroupMount(
-                mount_point=_unescape(fields[4]),
-                root=_unescape(fields[3]),
-                fstype=fs_fields[0],
-                options=frozenset(fs_fields[2].split(",")),
-            )
+    return [
+        CgroupMount(
+            mount_point=entry.mount_point,
+            root=entry.root,
+            fstype=entry.fstype,
+            options=entry.super_options,
         )
-    return mounts
+        for entry in mountinfo.parse(text)
+        if entry.fstype in ("cgroup", "cgroup2")
+    ]
 
 
 def choose_layout(mounts: list[CgroupMount]) -> Layout:

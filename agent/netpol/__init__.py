@@ -1,0 +1,1 @@
+"""Network policy: model, compiler (pure), kernel backends (eBPF, nftables), policy sources."""

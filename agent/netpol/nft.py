@@ -1,0 +1,184 @@
+"""nftables policy backend: the compiled tables as nft verdict maps, one transaction per apply.
+
+Used where eBPF is not (see backend.select_backend). The ruleset is built by
+`nft_ruleset.transaction()` and handed to `nft -j -f -` as one JSON document:
+the kernel swaps the old tables for the new ones atomically, so there is no
+moment with a half-applied policy, and a rejected document leaves the last
+good tables untouched.
+
+Which hook sees container traffic: containers of one namespace share a
+bridge, and this kernel (like many) lacks nf_conntrack_bridge, so the bridge
+family cannot match `ct state`. Policy therefore lives in family inet, which
+sees bridged IPv4 through br_netfilter. That needs bridge-nf-call-iptables on
+the bridge: instead of flipping the host-wide sysctl, the backend turns on
+the bridge's own `nf_call_iptables` option on each bridge that carries an
+endpoint, and puts back the previous value on `close(remove=True)`. A small
+bridge-family table drops frames whose IPv4 source is not the sending
+endpoint's address (spoofing) and non-IPv4, non-ARP frames of isolated
+endpoints.
+
+Agent restart: the tables stay in the kernel while the agent is away; the
+first apply of the new process replaces them in one transaction (never a gap).
+The first apply of a process replaces the tables (add, delete, add table in
+one transaction); later applies change them in place in one transaction
+(flush the rules, delete the maps, sets and chains the last apply made,
+add the new ones), so the named counter objects keep counting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from agent.netpol import backend as api
+from agent.netpol.nft_ruleset import Counters, Made, in_place, made_by, transaction
+from agent.netpol.tables import CompiledPolicy
+
+log = logging.getLogger("nova.agent.netpol.nft")
+
+
+class NftBackend(api.PolicyBackend):
+    """Policy in nftables tables named `table` (families inet and bridge)."""
+
+    name = "nftables"
+
+    def __init__(self, *, table: str = "nova", netns: str | None = None) -> None:
+        self._table = table
+        self._netns = netns
+        self._lock = asyncio.Lock()
+        self._counters = Counters()
+        self._bridges_changed: dict[str, str] = {}  # bridge -> nf_call_iptables before
+        self._started = False
+        self._made: Made | None = None  # what the last applied transaction created
+
+    # -- interface ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._lock:
+            await self._nft(["--version"], what="start")
+            self._started = True
+
+    async def apply(self, compiled: CompiledPolicy) -> None:
+        async with self._lock:
+            if not self._started:
+                raise api.PolicyBackendError(self.name, "apply", self._table, "not started")
+            ports, missing = await self._host_ports(compiled)
+            await self._enable_bridge_hooks(ports.values())
+            document = transaction(
+                compiled, table=self._table, ports=ports, counters=self._counters
+            )
+            made = made_by(document)
+            if self._made is None:  # first apply of this process: replace whatever is there
+                await self._nft(["-j", "-f", "-"], json.dumps(document), what="apply")
+            else:  # keep the counter objects: change the tables in place
+                document = in_place(document, table=self._table, previous=self._made)
+                await self._nft(["-j", "-f", "-"], json.dumps(document), what="apply")
+            self._made = made
+            if missing:
+                raise api.PolicyBackendError(self.name, "apply", "endpoints", "; ".join(missing))
+
+    async def counters(self) -> Mapping[str, tuple[int, int]]:
+        async with self._lock:
+            return await self._read_counters()
+
+    async def close(self, *, remove: bool) -> None:
+        async with self._lock:
+            if not remove:
+                return
+            for family in ("inet", "bridge"):
+                doc = {
+                    "nftables": [
+                        {"add": {"table": {"family": family, "name": self._table}}},
+                        {"delete": {"table": {"family": family, "name": self._table}}},
+                    ]
+                }
+                await self._nft(["-j", "-f", "-"], json.dumps(doc), what="remove")
+            for bridge, before in self._bridges_changed.items():
+                await self._ip(
+                    ["link", "set", "dev", bridge, "type", "bridge", "nf_call_iptables", before],
+                    check=False,
+                )
+            self._bridges_changed.clear()
+            self._started = False
+            self._made = None
+
+    # -- internals ---------------------------------------------------------------
+
+    async def _read_counters(self) -> dict[str, tuple[int, int]]:
+        """Report name -> (allowed, denied) from the counter objects in the kernel now."""
+        by_object: dict[str, int] = {}
+        for family in ("inet", "bridge"):
+            out = await self._nft(
+                ["-j", "list", "counters", "table", family, self._table],
+                what="read counters",
+                check=False,
+            )
+            for item in json.loads(out or '{"nftables": []}').get("nftables", []):
+                c = item.get("counter")
+                if c:
+                    by_object[c["name"]] = by_object.get(c["name"], 0) + int(c["packets"])
+        result: dict[str, tuple[int, int]] = {}
+        for (name, denied), obj in self._counters.by_name.items():
+            packets = by_object.get(obj, 0)
+            result[name] = _add(result.get(name, (0, 0)), (0, packets) if denied else (packets, 0))
+        return result
+
+    async def _host_ports(self, compiled: CompiledPolicy) -> tuple[dict[str, str], list[str]]:
+        links = json.loads(await self._ip(["-j", "link", "show"]))
+        present = {link["ifname"]: link.get("master") for link in links}
+        ports: dict[str, str] = {}
+        missing: list[str] = []
+        for key, entry in compiled.endpoints.items():
+            ifname = entry.endpoint.host_ifname
+            if ifname in present:
+                ports[key] = ifname
+            else:
+                missing.append(f"{key}: host veth {ifname} does not exist")
+        self._masters = {present[p] for p in ports.values() if present[p]}
+        return ports, missing
+
+    async def _enable_bridge_hooks(self, _ports: Any) -> None:
+        for bridge in sorted(self._masters - set(self._bridges_changed)):
+            info = json.loads(await self._ip(["-j", "-d", "link", "show", "dev", bridge]))
+            data = info[0].get("linkinfo", {}).get("info_data", {})
+            if data.get("nf_call_iptables") in (1, True):
+                continue
+            await self._ip(
+                ["link", "set", "dev", bridge, "type", "bridge", "nf_call_iptables", "1"]
+            )
+            self._bridges_changed[bridge] = "0"
+            log.info("bridge %s: nf_call_iptables on (IPv4 policy on bridged traffic)", bridge)
+
+    def _prefix(self) -> list[str]:
+        return [] if self._netns is None else ["ip", "netns", "exec", self._netns]
+
+    async def _nft(
+        self, argv: list[str], stdin: str | None = None, *, what: str, check: bool = True
+    ) -> str:
+        return await self._run([*self._prefix(), "nft", *argv], stdin, what=what, check=check)
+
+    async def _ip(self, argv: list[str], *, check: bool = True) -> str:
+        netns = [] if self._netns is None else ["-n", self._netns]
+        return await self._run(["ip", *netns, *argv], None, what="ip", check=check)
+
+    async def _run(self, argv: list[str], stdin: str | None, *, what: str, check: bool) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        if check and proc.returncode != 0:
+            reason = err.decode(errors="replace").strip().splitlines()
+            raise api.PolicyBackendError(
+                self.name, what, f"table {self._table}", reason[0] if reason else "failed"
+            )
+        return out.decode()
+
+
+def _add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return a[0] + b[0], a[1] + b[1]
