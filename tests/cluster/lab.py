@@ -1,0 +1,516 @@
+"""A multi-host Nova lab on one machine: hosts are network namespaces on a bridge.
+
+    lab = Lab.create(hosts=4)     # netns + veth + bridge, a 3-server Consul cluster
+    lab.up()                      # Consul servers on hosts 0-2, client agents on the rest
+    coord = lab.start_coordinator(lab.hosts[3], "--id", "c3")
+    lab.cut(lab.hosts[3])         # the host drops every packet that is not loopback
+    lab.heal(lab.hosts[3])
+    lab.down()                    # processes, namespaces, links, cgroups, files: all gone
+
+Every object carries the lab's random token (`nvl<token>`), so labs of
+several sessions can share a machine and `down()` removes only its own.
+Each host has its own IP on a /24 that no route of this machine uses, the
+bridge holds `.1` so processes here (tests, benchmarks) reach every host.
+Inside a host, its Consul agent answers on 127.0.0.1:8500 and on the host's
+IP; Nova processes start with `ip netns exec` and talk to that local agent.
+
+The Consul servers run with `session_ttl_min = "1s"` (sub-10 s session TTLs),
+`raft_multiplier = 1` (Consul's fastest raft timing) and quicker LAN gossip,
+so a dead node is noticed in about a second.
+
+`python -m tests.cluster.lab up|down|status` is `make lab` / `make lab-down`:
+the lab's description lives in `<LAB_DIR>/<token>/lab.json` for `down`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB_DIR = Path(os.environ.get("NOVA_LAB_DIR", "/tmp/nova-lab"))
+CONSUL_SERVERS = 3
+CONSUL_HTTP = 8500
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+CUT_TABLE = "nova_lab_cut"
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or a process in it misbehaved (the message says where)."""
+
+
+def find_consul() -> str | None:
+    """`consul` on PATH, else the one `make consul` links into a .venv (ours or main's)."""
+    found = shutil.which("consul")
+    if found:
+        return found
+    for venv in (ROOT / ".venv", Path(sys.executable).resolve().parents[1]):
+        linked = venv / "bin" / "consul"
+        if linked.is_file() and os.access(linked, os.X_OK):
+            return str(linked)
+    return None
+
+
+def _sh(*argv: str, check: bool = True, input_: str | None = None) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, input=input_, check=False)
+    if check and done.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the process that started it dies (PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    """A random 10.x.y.0/24 that no address or route of this machine overlaps."""
+    used: list[ipaddress.IPv4Network] = []
+    for route in json.loads(_sh("ip", "-j", "-4", "route", "show", "table", "all") or "[]"):
+        dst = route.get("dst", "")
+        if dst and dst != "default" and not dst.startswith(("local", "broadcast")):
+            with contextlib.suppress(ValueError):
+                used.append(ipaddress.IPv4Network(dst, strict=False))
+    for link in json.loads(_sh("ip", "-j", "-4", "addr") or "[]"):
+        for addr in link.get("addr_info", []):
+            used.append(ipaddress.IPv4Network(f"{addr['local']}/{addr['prefixlen']}", strict=False))
+    for _ in range(200):
+        net = ipaddress.IPv4Network(f"10.{random.randint(64, 250)}.{random.randint(0, 255)}.0/24")
+        if not any(net.overlaps(u) for u in used if u.prefixlen > 0):
+            return net
+    raise LabError("no free 10.x.y.0/24 for the lab's bridge")
+
+
+@dataclass
+class LabProcess:
+    """One process started inside a host (`ip netns exec` execs it: the pid is its own)."""
+
+    name: str
+    host: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+        if sig == signal.SIGKILL:
+            self.popen.wait()
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM, then SIGKILL after `timeout`; idempotent."""
+        if self.alive():
+            self.kill(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Host:
+    """One host: a network namespace with `eth0` on the lab's bridge."""
+
+    index: int
+    name: str  # h0, h1, ... (the Consul node and Nova node name)
+    netns: str
+    ip: str
+    veth: str  # the bridge-side end, in this machine's namespace
+    workdir: Path
+
+    @property
+    def consul_url(self) -> str:
+        """This host's Consul agent, as seen from this machine's namespace."""
+        return f"http://{self.ip}:{CONSUL_HTTP}"
+
+    @property
+    def local_consul(self) -> str:
+        """This host's Consul agent, as seen from inside the host."""
+        return f"http://127.0.0.1:{CONSUL_HTTP}"
+
+    def exec_argv(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv]
+
+    def run(self, *argv: str, check: bool = True) -> str:
+        return _sh(*self.exec_argv(argv), check=check)
+
+
+@dataclass
+class Lab:
+    token: str
+    subnet: ipaddress.IPv4Network
+    hosts: list[Host]
+    workdir: Path
+    consul_binary: str
+    persistent: bool = False  # `make lab`: processes outlive the command that started them
+    consul: dict[str, LabProcess] = field(default_factory=dict)  # host name -> agent
+    processes: list[LabProcess] = field(default_factory=list)
+    cgroup_roots: list[str] = field(default_factory=list)
+
+    @property
+    def bridge(self) -> str:
+        return f"nvl{self.token}"
+
+    @property
+    def servers(self) -> list[Host]:
+        return self.hosts[:CONSUL_SERVERS]
+
+    # -- building and removing ---------------------------------------------------------
+
+    @classmethod
+    def create(cls, hosts: int = 3, *, persistent: bool = False) -> Lab:
+        """The network: bridge, namespaces, veths, addresses. `down()` undoes it."""
+        if hosts < CONSUL_SERVERS:
+            raise LabError(f"a lab needs at least {CONSUL_SERVERS} hosts (Consul servers)")
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network namespaces)")
+        binary = find_consul()
+        if binary is None:
+            raise LabError("no consul binary on PATH or in .venv/bin: run `make consul`")
+        token = secrets.token_hex(3)
+        workdir = LAB_DIR / token
+        workdir.mkdir(parents=True, mode=0o700)
+        subnet = _free_subnet()
+        addresses = list(subnet.hosts())
+        lab = cls(token, subnet, [], workdir, binary, persistent)
+        for i in range(hosts):
+            host_dir = workdir / f"h{i}"
+            host_dir.mkdir()
+            lab.hosts.append(
+                Host(i, f"h{i}", f"nvl{token}-h{i}", str(addresses[10 + i]), f"nvl{token}h{i}", host_dir)
+            )
+        lab.save()
+        try:
+            lab._build_network()
+        except BaseException:
+            lab.down()
+            raise
+        return lab
+
+    def _build_network(self) -> None:
+        gateway = f"{next(self.subnet.hosts())}/{self.subnet.prefixlen}"
+        _sh("ip", "link", "add", self.bridge, "type", "bridge")
+        _sh("ip", "addr", "add", gateway, "dev", self.bridge)
+        _sh("ip", "link", "set", self.bridge, "up")
+        for host in self.hosts:
+            _sh("ip", "netns", "add", host.netns)
+            _sh("ip", "link", "add", host.veth, "type", "veth", "peer", "name", "eth0",
+                "netns", host.netns)  # fmt: skip
+            _sh("ip", "link", "set", host.veth, "master", self.bridge, "up")
+            _sh("ip", "-n", host.netns, "addr", "add",
+                f"{host.ip}/{self.subnet.prefixlen}", "dev", "eth0")  # fmt: skip
+            _sh("ip", "-n", host.netns, "link", "set", "lo", "up")
+            _sh("ip", "-n", host.netns, "link", "set", "eth0", "up")
+
+    def down(self) -> None:
+        """Remove everything this lab made; safe to call twice and after a partial build."""
+        for process in [*self.processes, *self.consul.values()]:
+            with contextlib.suppress(OSError):
+                process.kill()
+        for host in self.hosts:
+            # Whatever still runs inside (workers, a `consul lock` child) is ours too.
+            pids = _sh("ip", "netns", "pids", host.netns, check=False).split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            _sh("ip", "netns", "del", host.netns, check=False)  # takes eth0 and its peer
+            _sh("ip", "link", "del", host.veth, check=False)
+        _sh("ip", "link", "del", self.bridge, check=False)
+        if self.cgroup_roots:
+            from tests.conftest import remove_cgroup_root
+
+            for name in self.cgroup_roots:
+                remove_cgroup_root(name)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def save(self) -> None:
+        """Describe the lab in lab.json: `down` of another process removes it from there."""
+        state = {
+            "token": self.token,
+            "subnet": str(self.subnet),
+            "consul_binary": self.consul_binary,
+            "hosts": [
+                {"name": h.name, "netns": h.netns, "ip": h.ip, "veth": h.veth} for h in self.hosts
+            ],
+            "cgroup_roots": self.cgroup_roots,
+        }
+        (self.workdir / "lab.json").write_text(json.dumps(state, indent=2))
+
+    @classmethod
+    def load(cls, workdir: Path) -> Lab:
+        state = json.loads((workdir / "lab.json").read_text())
+        hosts = [
+            Host(i, h["name"], h["netns"], h["ip"], h["veth"], workdir / h["name"])
+            for i, h in enumerate(state["hosts"])
+        ]
+        lab = cls(state["token"], ipaddress.IPv4Network(state["subnet"]), hosts, workdir,
+                  state["consul_binary"], persistent=True)  # fmt: skip
+        lab.cgroup_roots = list(state["cgroup_roots"])
+        return lab
+
+    # -- processes -----------------------------------------------------------------------
+
+    def spawn(
+        self, host: Host, name: str, argv: Sequence[str], env: dict[str, str] | None = None
+    ) -> LabProcess:
+        """Start `argv` inside `host`, output to `<host dir>/<name>.log`."""
+        log_path = host.workdir / f"{name}.log"
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
+        with log_path.open("ab") as log:
+            popen = subprocess.Popen(
+                host.exec_argv(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                cwd=ROOT,
+                start_new_session=self.persistent,
+                # In tests: nothing outlives the test process, even when it is SIGKILLed.
+                preexec_fn=None if self.persistent else _die_with_parent,  # noqa: PLW1509
+            )
+        process = LabProcess(name, host.name, list(argv), log_path, popen)
+        self.processes.append(process)
+        return process
+
+    def start_coordinator(self, host: Host, *args: str) -> LabProcess:
+        """`nova-coordinator --consul <host's agent>` inside `host` (extra `args` appended)."""
+        argv = [sys.executable, "-m", "coordinator.main", "--consul", host.local_consul, *args]
+        return self.spawn(host, f"coordinator-{len(self.processes)}", argv)
+
+    def start_agent(self, host: Host, *args: str, pool_size: int = 1) -> LabProcess:
+        """`nova-agent --consul` inside `host`: node `host.name`, its own dirs and cgroup root."""
+        cgroup_root = f"nova-lab-{self.token}-{host.name}"
+        if cgroup_root not in self.cgroup_roots:
+            self.cgroup_roots.append(cgroup_root)
+            self.save()
+        base = host.workdir / "agent"
+        argv = [
+            sys.executable, "-m", "agent.main", "--consul", host.local_consul,
+            "--node", host.name, "--advertise", host.ip,
+            "--socket", str(base / "agent.sock"), "--state-dir", str(base / "state"),
+            "--cache-dir", str(base / "cache"), "--cgroup-root", cgroup_root,
+            "--pool-size", str(pool_size), *args,
+        ]  # fmt: skip
+        return self.spawn(host, "agent", argv)
+
+    def agent_socket(self, host: Host) -> Path:
+        return host.workdir / "agent" / "agent.sock"
+
+    # -- Consul --------------------------------------------------------------------------
+
+    def consul_config(self, host: Host) -> dict[str, Any]:
+        server = host in self.servers
+        config: dict[str, Any] = {
+            "node_name": host.name,
+            "datacenter": "lab",
+            "data_dir": str(host.workdir / "consul"),
+            "bind_addr": host.ip,
+            "advertise_addr": host.ip,
+            "client_addr": f"127.0.0.1 {host.ip}",
+            "retry_join": [h.ip for h in self.servers],
+            "retry_interval": "1s",
+            "server": server,
+            "session_ttl_min": "1s",
+            "disable_update_check": True,
+            "leave_on_terminate": False,
+            "log_level": "info",
+            "ports": {"dns": -1, "grpc": -1, "grpc_tls": -1},
+            "performance": {"raft_multiplier": 1},
+            # A dead node is suspected in ~0.5 s and declared failed about a second later
+            # (the defaults take 5-15 s): sessions bound to serfHealth follow suit.
+            "gossip_lan": {
+                "probe_interval": "250ms",
+                "probe_timeout": "150ms",
+                "gossip_interval": "100ms",
+                "suspicion_mult": 2,
+            },
+        }
+        if server:
+            config["bootstrap_expect"] = CONSUL_SERVERS
+        return config
+
+    def start_consul(self, host: Host) -> LabProcess:
+        """Start (or restart, with its data) the Consul agent of `host`."""
+        old = self.consul.get(host.name)
+        if old is not None and old.alive():
+            raise LabError(f"consul on {host.name} is already running (pid {old.pid})")
+        config = host.workdir / "consul.json"
+        config.write_text(json.dumps(self.consul_config(host), indent=2))
+        process = self.spawn(host, "consul", [self.consul_binary, "agent", "-config-file", str(config)])
+        self.processes.remove(process)  # kept apart: `consul` maps hosts to their agent
+        self.consul[host.name] = process
+        return process
+
+    def up(self, timeout: float = READY_TIMEOUT) -> None:
+        """Consul on every host, then wait for a raft leader and every node healthy."""
+        for host in self.hosts:
+            self.start_consul(host)
+        self.wait_consul(timeout)
+
+    def wait_consul(self, timeout: float = READY_TIMEOUT, hosts: Sequence[Host] | None = None) -> None:
+        """A leader with every server as a peer, every running agent's serfHealth passing."""
+        hosts = list(hosts or [h for h in self.hosts if self.consul_alive(h)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for host in hosts:
+                process = self.consul[host.name]
+                if not process.alive():
+                    raise LabError(f"consul on {host.name} exited:\n{process.log_tail()}")
+            if all(self._consul_ready(h, hosts) for h in hosts):
+                return
+            time.sleep(0.1)
+        tails = "\n".join(f"--- {h.name}\n{self.consul[h.name].log_tail(15)}" for h in hosts)
+        raise LabError(f"lab Consul not ready after {timeout} s:\n{tails}")
+
+    def _consul_ready(self, host: Host, hosts: Sequence[Host]) -> bool:
+        if not self.consul_get(host, "/v1/status/leader"):
+            return False
+        checks = self.consul_get(host, "/v1/health/state/any") or []
+        passing = {c["Node"] for c in checks if c["CheckID"] == "serfHealth" and c["Status"] == "passing"}
+        return all(h.name in passing for h in hosts)
+
+    def consul_alive(self, host: Host) -> bool:
+        process = self.consul.get(host.name)
+        return process is not None and process.alive()
+
+    def consul_get(self, host: Host, path: str, timeout: float = 2.0) -> Any:
+        """GET from `host`'s agent (from this machine), None when it does not answer."""
+        try:
+            with urllib.request.urlopen(host.consul_url + path, timeout=timeout) as response:
+                return json.loads(response.read() or b"null")
+        except (OSError, ValueError):
+            return None
+
+    def consul_leader(self, via: Host | None = None) -> Host | None:
+        """The host whose Consul server leads raft now (asked of `via` or any answering host)."""
+        for host in [via] if via else self.hosts:
+            address = self.consul_get(host, "/v1/status/leader") if host else None
+            if address:
+                ip = address.rsplit(":", 1)[0]
+                return next((h for h in self.hosts if h.ip == ip), None)
+        return None
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def cut(self, host: Host, how: str = "nft") -> None:
+        """Cut `host` off the network; it keeps its loopback (its local agent still answers).
+
+        nft: an nftables table in the host's namespace drops every packet not on
+        lo (silent loss, as a dead switch port or a partition); link: eth0 down.
+        """
+        if how == "link":
+            _sh("ip", "-n", host.netns, "link", "set", "eth0", "down")
+            return
+        if how != "nft":
+            raise LabError(f"cut: unknown way {how!r} (nft or link)")
+        ruleset = (
+            f"table inet {CUT_TABLE} {{\n"
+            "  chain in { type filter hook input priority -400; policy accept; "
+            'iifname != "lo" drop; }\n'
+            "  chain out { type filter hook output priority -400; policy accept; "
+            'oifname != "lo" drop; }\n'
+            "}\n"
+        )
+        _sh(*host.exec_argv(["nft", "-f", "-"]), input_=ruleset)
+
+    def heal(self, host: Host) -> None:
+        """Undo `cut` (either way)."""
+        host.run("nft", "delete", "table", "inet", CUT_TABLE, check=False)
+        _sh("ip", "-n", host.netns, "link", "set", "eth0", "up")
+
+    def describe(self) -> str:
+        lines = [f"Nova lab {self.token}: {len(self.hosts)} hosts on {self.bridge} ({self.subnet})"]
+        leader = self.consul_leader()
+        for host in self.hosts:
+            role = "consul server" if host in self.servers else "consul client"
+            if leader is host:
+                role += " (raft leader)"
+            lines.append(f"  {host.name}  {host.ip:15}  netns {host.netns}  {role}")
+        h = self.hosts[0]
+        lines += [
+            "",
+            f"Consul UI/API:   {h.consul_url}/ui/  (any host's IP works)",
+            f"Shell in a host: ip netns exec {h.netns} bash",
+            f"Coordinator:     ip netns exec {h.netns} nova-coordinator --consul {h.local_consul} ...",
+            f"Agent:           ip netns exec {h.netns} nova-agent --consul {h.local_consul} "
+            f"--node {h.name} --advertise {h.ip} ...",
+            f"Logs and data:   {self.workdir}",
+            "Remove it:       make lab-down",
+        ]
+        return "\n".join(lines)
+
+
+def all_labs() -> list[Lab]:
+    """Every lab described under LAB_DIR (built by `make lab` or left by a killed run)."""
+    if not LAB_DIR.is_dir():
+        return []
+    return [Lab.load(d) for d in sorted(LAB_DIR.iterdir()) if (d / "lab.json").is_file()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster.lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="build a lab and leave it running")
+    up.add_argument("--hosts", type=int, default=3, help="hosts (the first 3 run Consul servers)")
+    up.add_argument("--agents", action="store_true", help="also start a nova-agent on every host")
+    sub.add_parser("status", help="describe the running labs")
+    down = sub.add_parser("down", help="remove labs built by `up`")
+    down.add_argument("token", nargs="?", help="only this lab (default: every lab in LAB_DIR)")
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        lab = Lab.create(args.hosts, persistent=True)
+        try:
+            lab.up()
+            if args.agents:
+                for host in lab.hosts:
+                    lab.start_agent(host)
+        except BaseException:
+            lab.down()
+            raise
+        print(lab.describe())
+    elif args.command == "status":
+        labs = all_labs()
+        print("\n\n".join(lab.describe() for lab in labs) if labs else "no lab is running")
+    else:
+        for lab in all_labs():
+            if args.token in (None, lab.token):
+                lab.down()
+                print(f"removed lab {lab.token}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
