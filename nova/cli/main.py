@@ -11,8 +11,8 @@ import sys
 from typing import NoReturn
 
 from nova import errors
+from nova.cli import cluster, volume
 from nova.cli import policy as policy_cli
-from nova.cli import volume
 
 TOP_DESCRIPTION = """\
 Nova runs WebAssembly (WASI) programs as containers: each in its own sandboxed
@@ -30,6 +30,8 @@ commands:
   doctor   report what this host supports (cgroups, BPF, VXLAN, nftables, ...)
   volume   create, list and remove encrypted volumes (nova volume --help)
   policy   show and test network policy (status, test)
+  status   the cluster: leading coordinator, epoch, nodes and their health
+  deploy   create, update or delete a deployment in the cluster
 
 Run `nova COMMAND --help` for a command's options.
 
@@ -222,6 +224,7 @@ def build_parser() -> NovaArgumentParser:
     image.add_parser(commands)
     volume.add_parser(commands)
     policy_cli.add_parser(commands)
+    cluster.add_parsers(commands)
     return parser
 
 
@@ -291,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             return volume.main(args)
         if args.command == "policy":
             return policy_cli.dispatch(args)
+        if args.command == "status":
+            return cluster.status_main(args)
+        if args.command == "deploy":
+            return cluster.deploy_main(args)
         from nova.cli import commands
 
         return commands.dispatch(args)
