@@ -15,8 +15,13 @@ Inside a host, its Consul agent answers on 127.0.0.1:8500 and on the host's
 IP; Nova processes start with `ip netns exec` and talk to that local agent.
 
 The Consul servers run with `session_ttl_min = "1s"` (sub-10 s session TTLs),
-`raft_multiplier = 1` (Consul's fastest raft timing) and quicker LAN gossip,
-so a dead node is noticed in about a second.
+`raft_multiplier = 1` (Consul's fastest raft timing, as production should
+use). LAN gossip keeps Consul's defaults on purpose: a dead node's
+serfHealth fails after 5 s or more, so sessions expire by their own TTL
+first, as on a real cluster (faster gossip would make failovers look faster
+than they are, and could invalidate a leader's session before its lease ends).
+
+Set NOVA_LAB_LOGS=DIR to keep every process's log under DIR/<token>/ on `down()`.
 
 `python -m tests.cluster.lab up|down|status` is `make lab` / `make lab-down`:
 the lab's description lives in `<LAB_DIR>/<token>/lab.json` for `down`.
@@ -25,6 +30,7 @@ the lab's description lives in `<LAB_DIR>/<token>/lab.json` for `down`.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import ipaddress
@@ -51,6 +57,12 @@ CONSUL_HTTP = 8500
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 CUT_TABLE = "nova_lab_cut"
+COORDINATOR_PORT = 8600
+
+
+def coordinator_id(host: Host) -> str:
+    """The `--id` of the coordinator the lab starts on `host`."""
+    return f"c-{host.name}"
 
 
 class LabError(RuntimeError):
@@ -58,12 +70,13 @@ class LabError(RuntimeError):
 
 
 def find_consul() -> str | None:
-    """`consul` on PATH, else the one `make consul` links into a .venv (ours or main's)."""
+    """`consul` on PATH, else the one `make consul` links into the .venv (this checkout's
+    or the running interpreter's)."""
     found = shutil.which("consul")
     if found:
         return found
-    for venv in (ROOT / ".venv", Path(sys.executable).resolve().parents[1]):
-        linked = venv / "bin" / "consul"
+    for bin_dir in (ROOT / ".venv" / "bin", Path(sys.executable).parent):
+        linked = bin_dir / "consul"
         if linked.is_file() and os.access(linked, os.X_OK):
             return str(linked)
     return None
@@ -178,6 +191,7 @@ class Lab:
     consul: dict[str, LabProcess] = field(default_factory=dict)  # host name -> agent
     processes: list[LabProcess] = field(default_factory=list)
     cgroup_roots: list[str] = field(default_factory=list)
+    cut_off: set[str] = field(default_factory=set)  # names of hosts cut off now
 
     @property
     def bridge(self) -> str:
@@ -209,7 +223,14 @@ class Lab:
             host_dir = workdir / f"h{i}"
             host_dir.mkdir()
             lab.hosts.append(
-                Host(i, f"h{i}", f"nvl{token}-h{i}", str(addresses[10 + i]), f"nvl{token}h{i}", host_dir)
+                Host(
+                    i,
+                    f"h{i}",
+                    f"nvl{token}-h{i}",
+                    str(addresses[10 + i]),
+                    f"nvl{token}h{i}",
+                    host_dir,
+                )
             )
         lab.save()
         try:
@@ -253,6 +274,12 @@ class Lab:
 
             for name in self.cgroup_roots:
                 remove_cgroup_root(name)
+        keep = os.environ.get("NOVA_LAB_LOGS")  # a directory to keep the logs in (debugging)
+        if keep:
+            for log in self.workdir.glob("*/*.log"):
+                target = Path(keep) / self.token / log.parent.name / log.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, target)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def save(self) -> None:
@@ -305,9 +332,16 @@ class Lab:
         return process
 
     def start_coordinator(self, host: Host, *args: str) -> LabProcess:
-        """`nova-coordinator --consul <host's agent>` inside `host` (extra `args` appended)."""
-        argv = [sys.executable, "-m", "coordinator.main", "--consul", host.local_consul, *args]
-        return self.spawn(host, f"coordinator-{len(self.processes)}", argv)
+        """`nova-coordinator` inside `host`: id `c-<host>`, API on `<host ip>:8600`,
+        Consul through the host's own agent; extra `args` are appended."""
+        argv = [
+            sys.executable, "-m", "coordinator.main", "--consul", host.local_consul,
+            "--id", coordinator_id(host), "--listen", f"{host.ip}:{COORDINATOR_PORT}", *args,
+        ]  # fmt: skip
+        return self.spawn(host, f"coordinator-{coordinator_id(host)}", argv)
+
+    def coordinator_api(self, host: Host) -> str:
+        return f"http://{host.ip}:{COORDINATOR_PORT}"
 
     def start_agent(self, host: Host, *args: str, pool_size: int = 1) -> LabProcess:
         """`nova-agent --consul` inside `host`: node `host.name`, its own dirs and cgroup root."""
@@ -348,14 +382,9 @@ class Lab:
             "log_level": "info",
             "ports": {"dns": -1, "grpc": -1, "grpc_tls": -1},
             "performance": {"raft_multiplier": 1},
-            # A dead node is suspected in ~0.5 s and declared failed about a second later
-            # (the defaults take 5-15 s): sessions bound to serfHealth follow suit.
-            "gossip_lan": {
-                "probe_interval": "250ms",
-                "probe_timeout": "150ms",
-                "gossip_interval": "100ms",
-                "suspicion_mult": 2,
-            },
+            # A server back from a cut is a voter again after 2 s, not Consul's 10 s:
+            # until then the cluster cannot lose another server.
+            "autopilot": {"server_stabilization_time": "2s"},
         }
         if server:
             config["bootstrap_expect"] = CONSUL_SERVERS
@@ -368,7 +397,9 @@ class Lab:
             raise LabError(f"consul on {host.name} is already running (pid {old.pid})")
         config = host.workdir / "consul.json"
         config.write_text(json.dumps(self.consul_config(host), indent=2))
-        process = self.spawn(host, "consul", [self.consul_binary, "agent", "-config-file", str(config)])
+        process = self.spawn(
+            host, "consul", [self.consul_binary, "agent", "-config-file", str(config)]
+        )
         self.processes.remove(process)  # kept apart: `consul` maps hosts to their agent
         self.consul[host.name] = process
         return process
@@ -379,8 +410,10 @@ class Lab:
             self.start_consul(host)
         self.wait_consul(timeout)
 
-    def wait_consul(self, timeout: float = READY_TIMEOUT, hosts: Sequence[Host] | None = None) -> None:
-        """A leader with every server as a peer, every running agent's serfHealth passing."""
+    def wait_consul(
+        self, timeout: float = READY_TIMEOUT, hosts: Sequence[Host] | None = None
+    ) -> None:
+        """A raft leader, every server a voter, every running agent's serfHealth passing."""
         hosts = list(hosts or [h for h in self.hosts if self.consul_alive(h)])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -397,8 +430,15 @@ class Lab:
     def _consul_ready(self, host: Host, hosts: Sequence[Host]) -> bool:
         if not self.consul_get(host, "/v1/status/leader"):
             return False
+        if host in self.servers:
+            raft = self.consul_get(host, "/v1/operator/raft/configuration") or {}
+            voters = {s["Node"] for s in raft.get("Servers", []) if s.get("Voter")}
+            if voters != {s.name for s in self.servers}:
+                return False  # a rejoined server not yet a voter: losing another breaks quorum
         checks = self.consul_get(host, "/v1/health/state/any") or []
-        passing = {c["Node"] for c in checks if c["CheckID"] == "serfHealth" and c["Status"] == "passing"}
+        passing = {
+            c["Node"] for c in checks if c["CheckID"] == "serfHealth" and c["Status"] == "passing"
+        }
         return all(h.name in passing for h in hosts)
 
     def consul_alive(self, host: Host) -> bool:
@@ -430,6 +470,7 @@ class Lab:
         nft: an nftables table in the host's namespace drops every packet not on
         lo (silent loss, as a dead switch port or a partition); link: eth0 down.
         """
+        self.cut_off.add(host.name)
         if how == "link":
             _sh("ip", "-n", host.netns, "link", "set", "eth0", "down")
             return
@@ -449,6 +490,39 @@ class Lab:
         """Undo `cut` (either way)."""
         host.run("nft", "delete", "table", "inet", CUT_TABLE, check=False)
         _sh("ip", "-n", host.netns, "link", "set", "eth0", "up")
+        self.cut_off.discard(host.name)
+
+    # -- reading Consul from here ---------------------------------------------------------
+
+    def reachable(self) -> list[Host]:
+        """Hosts whose Consul agent runs and is not cut off: where to ask."""
+        return [h for h in self.hosts if h.name not in self.cut_off and self.consul_alive(h)]
+
+    def kv(self, prefix: str) -> dict[str, tuple[Any, str | None]]:
+        """Every key under `prefix`: its decoded JSON value and the session holding it.
+
+        Asked of the first reachable agent that answers; LabError when none does.
+        """
+        for host in self.reachable():
+            try:
+                with urllib.request.urlopen(
+                    f"{host.consul_url}/v1/kv/{prefix}?recurse", timeout=3
+                ) as response:
+                    entries = json.loads(response.read() or b"[]")
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    return {}
+                continue
+            except (OSError, ValueError):
+                continue
+            return {
+                e["Key"]: (
+                    json.loads(base64.b64decode(e["Value"])) if e.get("Value") else None,
+                    e.get("Session"),
+                )
+                for e in entries
+            }
+        raise LabError(f"no Consul agent of lab {self.token} answered for {prefix}")
 
     def describe(self) -> str:
         lines = [f"Nova lab {self.token}: {len(self.hosts)} hosts on {self.bridge} ({self.subnet})"]
@@ -463,7 +537,8 @@ class Lab:
             "",
             f"Consul UI/API:   {h.consul_url}/ui/  (any host's IP works)",
             f"Shell in a host: ip netns exec {h.netns} bash",
-            f"Coordinator:     ip netns exec {h.netns} nova-coordinator --consul {h.local_consul} ...",
+            f"Coordinator:     ip netns exec {h.netns} nova-coordinator "
+            f"--consul {h.local_consul} --listen {h.ip}:{COORDINATOR_PORT} ...",
             f"Agent:           ip netns exec {h.netns} nova-agent --consul {h.local_consul} "
             f"--node {h.name} --advertise {h.ip} ...",
             f"Logs and data:   {self.workdir}",
@@ -480,8 +555,11 @@ def all_labs() -> list[Lab]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.cluster.lab", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.cluster.lab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="build a lab and leave it running")
     up.add_argument("--hosts", type=int, default=3, help="hosts (the first 3 run Consul servers)")
