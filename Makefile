@@ -40,7 +40,7 @@ doctor: setup  ## what this host can do: cgroups, BPF, tc, VXLAN, 8021q, nftable
 
 LAB_HOSTS ?= 3
 lab: setup  ## a multi-host lab here: LAB_HOSTS netns hosts, Consul servers and Nova agents (root)
-	$(PY) -m tests.cluster.lab up --hosts $(LAB_HOSTS) --agents
+	$(PY) -m tests.cluster.lab up --hosts $(LAB_HOSTS) --nova
 
 lab-down:  ## remove every lab `make lab` built
 	$(PY) -m tests.cluster.lab down

@@ -164,14 +164,27 @@ class ConsulLock:
         argv = [self.lab.consul_binary, "lock", f"-http-addr={host.local_consul}", prefix, child]
         return self.lab.spawn(host, f"consul-lock-{self.count}-{host.name}", argv)
 
+    def _hold(self, prefix: str, held: Path) -> LabProcess:
+        """A holder of `prefix`; started again if `consul lock` gives up (a host just healed
+        may answer "no known Consul servers" for a moment)."""
+        for _ in range(5):
+            holder = self._start(self.holder_host, prefix, held)
+            deadline = time.monotonic() + 20.0
+            while time.monotonic() < deadline and holder.alive() and not held.exists():
+                time.sleep(0.05)
+            if held.exists():
+                return holder
+            holder.kill()
+            time.sleep(1.0)
+        raise common.BenchError(f"consul lock {prefix} never held:\n{holder.log_tail()}")
+
     def batch(self, fault: str, size: int, cut_how: str) -> list[dict[str, Any]]:
         trials = []
         for _ in range(size):
             self.count += 1
             prefix = f"bench/consul-lock/{self.lab.token}/{self.count}"
             held, won = self.dir / f"{self.count}.held", self.dir / f"{self.count}.won"
-            holder = self._start(self.holder_host, prefix, held)
-            wait_for(f"consul lock {prefix} held", held.exists, 30.0)
+            holder = self._hold(prefix, held)
             trials.append((holder, self._start(self.waiter_host, prefix, won), held, won))
         time.sleep(1.0)  # every waiter is in its blocking query
         faults: list[float] = []

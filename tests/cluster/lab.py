@@ -12,7 +12,8 @@ several sessions can share a machine and `down()` removes only its own.
 Each host has its own IP on a /24 that no route of this machine uses, the
 bridge holds `.1` so processes here (tests, benchmarks) reach every host.
 Inside a host, its Consul agent answers on 127.0.0.1:8500 and on the host's
-IP; Nova processes start with `ip netns exec` and talk to that local agent.
+IP; Nova processes start inside it (`nsenter --net`, see `Host.exec_argv`)
+and talk to that local agent.
 
 The Consul servers run with `session_ttl_min = "1s"` (sub-10 s session TTLs),
 `raft_multiplier = 1` (Consul's fastest raft timing, as production should
@@ -114,7 +115,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
 
 @dataclass
 class LabProcess:
-    """One process started inside a host (`ip netns exec` execs it: the pid is its own)."""
+    """One process started inside a host (`nsenter` execs it: the pid is its own)."""
 
     name: str
     host: str
@@ -174,7 +175,13 @@ class Host:
         return f"http://127.0.0.1:{CONSUL_HTTP}"
 
     def exec_argv(self, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.netns, *argv]
+        """`argv` run in this host's network namespace.
+
+        `nsenter --net` rather than `ip netns exec`: the latter remounts /sys for
+        the namespace, which hides the cgroup mounts, and the lab's agents would
+        then run their containers without cgroups.
+        """
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--", *argv]
 
     def run(self, *argv: str, check: bool = True) -> str:
         return _sh(*self.exec_argv(argv), check=check)
@@ -541,6 +548,7 @@ class Lab:
             f"--consul {h.local_consul} --listen {h.ip}:{COORDINATOR_PORT} ...",
             f"Agent:           ip netns exec {h.netns} nova-agent --consul {h.local_consul} "
             f"--node {h.name} --advertise {h.ip} ...",
+            f"Coordinator API: {self.coordinator_api(h)} (on each Consul server host, if started)",
             f"Logs and data:   {self.workdir}",
             "Remove it:       make lab-down",
         ]
@@ -563,7 +571,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="build a lab and leave it running")
     up.add_argument("--hosts", type=int, default=3, help="hosts (the first 3 run Consul servers)")
-    up.add_argument("--agents", action="store_true", help="also start a nova-agent on every host")
+    up.add_argument(
+        "--nova",
+        action="store_true",
+        help="also start nova-agent on every host and nova-coordinator on the Consul servers",
+    )
     sub.add_parser("status", help="describe the running labs")
     down = sub.add_parser("down", help="remove labs built by `up`")
     down.add_argument("token", nargs="?", help="only this lab (default: every lab in LAB_DIR)")
@@ -572,9 +584,11 @@ def main(argv: list[str] | None = None) -> int:
         lab = Lab.create(args.hosts, persistent=True)
         try:
             lab.up()
-            if args.agents:
+            if args.nova:
                 for host in lab.hosts:
                     lab.start_agent(host)
+                for host in lab.servers:
+                    lab.start_coordinator(host)
         except BaseException:
             lab.down()
             raise
