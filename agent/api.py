@@ -36,6 +36,7 @@ from agent.isolation.volumes import VolumeManager
 from agent.metrics import AgentMetrics
 from agent.netpol.api import register_routes as register_policy_routes
 from agent.netpol.engine import PolicyEngine
+from agent.netpol.selectors import label_key_problem, label_value_problem
 from agent.sandbox.spec import DirMount, Isolation, RunSpec
 from nova import errors
 from nova.store import StoreError
@@ -57,6 +58,7 @@ NODE = web.AppKey("node", str)
 CLUSTER = web.AppKey("cluster", ClusterHooks)
 
 _CREATE_FIELDS = {
+    "labels",
     "module",
     "name",
     "argv",
@@ -159,6 +161,7 @@ def parse_create(body: Any) -> RunSpec:
         raise errors.UsageError(f"invalid isolation {isolation_text!r}: expected auto or none")
     isolation = Isolation.parse(isolation_text)
     namespace, volumes = volumes_api.parse_run_fields(body)
+    labels = _labels_field(body.get("labels", {}))
     if isolation is Isolation.NONE and (cpu is not None or pids is not None):
         raise errors.UsageError(
             "cpu and pids limits need a cgroup, and isolation 'none' has none: "
@@ -182,7 +185,20 @@ def parse_create(body: Any) -> RunSpec:
         isolation=isolation,
         namespace=namespace,
         volumes=volumes,
+        labels=labels,
     )
+
+
+def _labels_field(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise errors.UsageError("field 'labels' must map label keys to string values")
+    for key, label in value.items():
+        problem = label_key_problem(key) or label_value_problem(label)
+        if problem is not None:
+            raise errors.UsageError(problem)
+    return tuple(sorted(value.items()))
 
 
 def _is_str_list(value: Any) -> bool:

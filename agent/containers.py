@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from agent.metrics import AgentMetrics
 from agent.records import EXITED, RUNNING, ContainerRecord, pid_start_ticks
 from agent.sandbox.cgroups import SandboxCgroups
+from agent.sandbox.network import SandboxNetwork, detach_quietly
 from agent.sandbox.process import pidfd_signal, read_result
 from agent.sandbox.runtime import STOP_GRACE_S, SandboxRuntime
 from agent.sandbox.spec import ExitReason, ExitStatus, RunSpec
@@ -63,6 +64,17 @@ class Supervised(Protocol):
     async def stop(self, grace_s: float = STOP_GRACE_S) -> ExitStatus: ...
 
 
+class NetworkListener(Protocol):
+    """Told when a container with its own netns starts and ends (network policy)."""
+
+    async def container_starting(self, record: ContainerRecord) -> None:
+        """Its sandbox (netns, veth, address) exists, its workload is not running yet;
+        raising NovaError stops the start."""
+
+    def container_up(self, record: ContainerRecord) -> None: ...
+    def container_down(self, record: ContainerRecord) -> None: ...
+
+
 class AdoptedProcess:
     """A container started by an earlier agent: watched through a pidfd.
 
@@ -70,11 +82,16 @@ class AdoptedProcess:
     """
 
     def __init__(
-        self, record: ContainerRecord, run_dir: Path, cgroups: SandboxCgroups | None = None
+        self,
+        record: ContainerRecord,
+        run_dir: Path,
+        cgroups: SandboxCgroups | None = None,
+        network: SandboxNetwork | None = None,
     ) -> None:
         self.record = record
         self.run_dir = run_dir
         self.cgroups = cgroups
+        self.network = network
         self.pidfd = os.pidfd_open(record.pid)
         self.stop_requested = False
         self._exited = asyncio.Event()
@@ -104,6 +121,8 @@ class AdoptedProcess:
             status = ExitStatus.for_reason(ExitReason.KILLED, "the worker process died")
         if self.cgroups is not None:
             status = await asyncio.to_thread(self.cgroups.settle, self.record.spec, status)
+        if self.network is not None:
+            await detach_quietly(self.network, self.record.id)
         return status
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> ExitStatus:
@@ -137,6 +156,7 @@ class ContainerManager:
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._exited: dict[str, asyncio.Event] = {}
         self._starting: dict[str, int | None] = {}  # name -> http port, while create() runs
+        self._network_listeners: list[NetworkListener] = []
 
     # -- queries ------------------------------------------------------------
 
@@ -182,7 +202,9 @@ class ContainerManager:
         name = spec.name
         try:
             module = await self.runtime.resolve(spec.module_path)
-            worker = await self.runtime.claim()  # its sandbox id is the container's id
+            # Its sandbox id is the container's id; with a network it is born in
+            # its own netns on the namespace's segment.
+            worker = await self.runtime.claim(spec.namespace, spec.isolation)
         except errors.NovaError as exc:
             self.metrics.start_failures.labels(type(exc).__name__).inc()
             raise
@@ -203,16 +225,30 @@ class ContainerManager:
             artifact=str(module.artifact),
             run_dir=str(run_dir),
         )
+        record = ContainerRecord(id=container_id, name=name, node=self.node, spec=spec)
+        if worker.network is not None:
+            record.network = worker.network.to_json()
+        launched = False
         try:
+            # Network policy that selects it is in force before its first packet.
+            if record.network is not None:
+                for listener in self._network_listeners:
+                    await listener.container_starting(record)
+            launched = True  # launch() ends the worker itself when it fails
             container = await self.runtime.launch(spec, stdio, request_ns=request_ns, worker=worker)
         except errors.NovaError as exc:
             self.metrics.start_failures.labels(type(exc).__name__).inc()
+            if not launched:
+                await self.runtime.release(worker)
             shutil.rmtree(run_dir, ignore_errors=True)
+            if record.network is not None:
+                for listener in self._network_listeners:
+                    listener.container_down(record)
             raise
         finally:
             for fd in stdio:
                 os.close(fd)
-        record = ContainerRecord(id=container_id, name=name, node=self.node, spec=container.spec)
+        record.spec = container.spec
         record.pid = container.pid
         record.pid_start_ticks = pid_start_ticks(container.pid)
         self.metrics.container_starts.labels(str(container.pooled).lower()).inc()
@@ -286,7 +322,8 @@ class ContainerManager:
             if alive:
                 try:
                     cgroups = self.cgroups if record.id in owned else None
-                    adopted = AdoptedProcess(record, run_dir, cgroups)
+                    network = self.runtime.network if record.network is not None else None
+                    adopted = AdoptedProcess(record, run_dir, cgroups, network)
                 except ProcessLookupError:
                     alive = False
                 else:
@@ -300,6 +337,11 @@ class ContainerManager:
             )
             await self._finish(record, await self._settle(record, status, owned))
         await self._remove_orphans(owned - claimed)
+        if self.runtime.network is not None:
+            # Every sandbox network with a lease here but no live container: idle
+            # workers of a crashed agent, starts it never recorded, containers
+            # that ended while it was away.
+            await self.runtime.network.recover(claimed)
 
     async def _settle(
         self, record: ContainerRecord, status: ExitStatus, owned: set[str]
@@ -378,7 +420,17 @@ class ContainerManager:
             if record.state == RUNNING and http_port and record.spec.http_port == http_port:
                 raise Conflict(f"port {http_port} is already served by container {record.name}")
 
+    def add_network_listener(self, listener: NetworkListener) -> None:
+        """Be told of every running container with a netns: now, as it starts, as it ends."""
+        self._network_listeners.append(listener)
+        for record in self.list():
+            if record.network is not None:
+                listener.container_up(record)
+
     def _track(self, record: ContainerRecord, running: Supervised) -> None:
+        if record.network is not None:
+            for listener in self._network_listeners:
+                listener.container_up(record)
         self._records[record.id] = record
         self._running[record.id] = running
         self._exited[record.id] = asyncio.Event()
@@ -393,6 +445,10 @@ class ContainerManager:
         await self._finish(record, status)
 
     async def _finish(self, record: ContainerRecord, status: ExitStatus) -> None:
+        if record.network is not None:
+            for listener in self._network_listeners:
+                listener.container_down(record)
+            record.network = None  # its netns went with its worker
         record.state = EXITED
         record.status = status
         record.finished_at = time.time()

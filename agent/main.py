@@ -16,22 +16,29 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvloop
 from aiohttp import web
 
+from agent import network_flags
 from agent.api import make_app, make_metrics_app
 from agent.cluster.agent import ClusterAgent
 from agent.cluster.node import check_cluster_args, describe_host, parse_labels, route_source
 from agent.containers import ContainerManager
 from agent.isolation.cgroups.base import check_root_name
 from agent.metrics import AgentMetrics
+from agent.netpol import wiring as policy_wiring
+from agent.netpol.agent_hook import PolicyListener
+from agent.netpol.engine import PolicyEngine
 from agent.sandbox.cgroups import SandboxCgroups
+from agent.sandbox.network import SandboxNetwork
 from agent.sandbox.runtime import SandboxRuntime
 from agent.volumes_api import open_volumes
 from nova import errors, paths
 from nova.store import Store, open_store
+from nova.store.consul import ConsulStore
 
 log = logging.getLogger("nova.agent")
 
@@ -50,8 +57,9 @@ and fetches images by digest. When Consul does not answer it keeps running
 what it runs and retries (see docs/cluster-agent.md).
 
 Run as root, it gives every container a cgroup of its own (memory, CPU and
-pids limits; usage recorded when it ends) under --cgroup-root, and removes
-the cgroups a crash left behind when it starts.
+pids limits; usage recorded when it ends) under --cgroup-root, and a network
+namespace of its own on its Nova namespace's segment (--network), and when it
+starts it removes the cgroups and networks a crash left behind.
 """
 
 EPILOG = """\
@@ -69,6 +77,7 @@ examples:
   nova-agent --standalone --pool-size 16 --metrics-address 0.0.0.0:9464
   nova-agent --standalone --cgroup-root system.slice/nova-agent.service/payload
   nova-agent --consul http://127.0.0.1:8500 --labels zone=a,disk=ssd --advertise 10.0.0.5
+  nova-agent --uninstall-policy
 
 exit status:
   0 on a clean shutdown (SIGTERM, SIGINT), 2 on a usage error,
@@ -106,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="IPv4 address of this node for the cluster and the VXLAN underlay "
         "(--consul; default: the address the route to Consul leaves from)",
+    )
+    mode.add_argument(
+        "--uninstall-policy",
+        action="store_true",
+        help="remove network-policy enforcement from the kernel (eBPF filters, nftables "
+        "tables) whatever run made it, then exit; stop the agent first",
     )
     parser.add_argument(
         "--node", default=socket.gethostname(), help="node name (default: hostname)"
@@ -153,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: a cgroup per container when running as root (default); "
         "none: no cgroups at all (unsafe: only the wasm limits hold)",
     )
+    policy_wiring.add_arguments(parser)
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    network_flags.add_arguments(parser)
     return parser
 
 
@@ -170,6 +187,7 @@ class Agent:
         self._lock_file: int | None = None
         self._runners: list[web.AppRunner] = []
         self._socket_bound = False
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     async def run(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -180,8 +198,28 @@ class Agent:
         volumes = await asyncio.to_thread(open_volumes, self.state_dir)
         store = open_store(str(self.state_dir / "state.db"))
         await store.open()
+        network = None
+        if network_flags.wants_network(self.args, cgroups_on=cgroups is not None):
+            advertise = None
+            if self.args.consul:
+                advertise = self.args.advertise or route_source(self.args.consul)
+            segment_store = None
+            if self.args.consul:  # segment ids must agree across hosts
+                segment_store = ConsulStore(self.args.consul, timeout=5.0)
+                self._closers.append(segment_store.close)
+            network = network_flags.make_network(
+                self.args, store=store, advertise=advertise, segment_store=segment_store
+            )
+            await network.start()
+            peers = network_flags.static_peers(self.args)
+            if peers:
+                await network.set_peers(peers)
         runtime = SandboxRuntime(
-            str(self.cache_dir), pool_size=self.args.pool_size, cgroups=cgroups
+            str(self.cache_dir),
+            pool_size=self.args.pool_size,
+            cgroups=cgroups,
+            network=network,
+            namespace_pool_size=self.args.namespace_pool_size,
         )
         metrics = AgentMetrics(runtime)
         manager = ContainerManager(
@@ -195,12 +233,30 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        cluster: ClusterAgent | None = None
+        cluster = self._cluster(manager, store, metrics, network) if self.args.consul else None
+        policy = None
+        if network is not None:  # policy acts on containers' own netns and veths
+            # Cluster-wide policies come from the cluster's store; a single host's from its own.
+            policy = policy_wiring.make_engine(
+                self.args, store=cluster.store if cluster else store, registry=metrics.registry
+            )
+        else:
+            policy_wiring.warn_without_network(self.args)
+        policy_started: asyncio.Task[None] | None = None
         try:
+            if policy is not None:
+                # Loading the programs (bcc compiles them) runs beside recovery; the first
+                # apply waits for endpoints_synced(): until then the kernel keeps what the
+                # previous agent enforced, so a restart never opens a window.
+                policy_started = loop.create_task(policy.start())
             await manager.recover()  # first: orphaned cgroups go before the pool makes new ones
+            if policy is not None and policy_started is not None:
+                # Announces every adopted container now, then each one as it starts and ends.
+                manager.add_network_listener(PolicyListener(policy))
+                policy.endpoints_synced()
+                await policy_started  # a backend that cannot load stops the agent here
             await runtime.start()
-            if self.args.consul:
-                cluster = self._cluster(manager, store, metrics)
+            if cluster is not None:
                 await cluster.start()
             await self._serve_socket(
                 make_app(
@@ -209,23 +265,32 @@ class Agent:
                     node=self.args.node,
                     cluster=cluster,
                     volumes=volumes,
+                    policy_engine=policy,
                 )
             )
             if self.args.metrics_address:
                 await self._serve_tcp(make_metrics_app(metrics), self.args.metrics_address)
             log.info(
-                "agent ready: node=%s socket=%s pool=%d state=%s isolation=%s",
+                "agent ready: node=%s socket=%s pool=%d state=%s isolation=%s network=%s policy=%s",
                 self.args.node,
                 self.socket_path,
                 self.args.pool_size,
                 self.state_dir,
                 cgroups.describe() if cgroups else "none (no cgroups)",
+                network.describe() if network else "host (shared)",
+                _describe_policy(policy),
             )
             await stop.wait()
             log.info("shutting down; running containers keep running")
         finally:
             for runner in self._runners:
                 await runner.cleanup()
+            if policy_started is not None and not policy_started.done():
+                policy_started.cancel()
+                with contextlib.suppress(asyncio.CancelledError, errors.NovaError):
+                    await policy_started
+            if policy is not None:  # enforcement stays in the kernel for the next agent
+                await policy.close()  # before the cluster closes the store it follows
             if cluster is not None:
                 await cluster.close()
             if self._socket_bound:  # only our own socket: never another agent's
@@ -233,10 +298,18 @@ class Agent:
                     self.socket_path.unlink()
             await manager.close()
             await runtime.close()
+            if network is not None:
+                await network.close()  # segments no container uses any more
+            for close in self._closers:
+                await close()
             await store.close()
 
     def _cluster(
-        self, manager: ContainerManager, store: Store, metrics: AgentMetrics
+        self,
+        manager: ContainerManager,
+        store: Store,
+        metrics: AgentMetrics,
+        network: SandboxNetwork | None,
     ) -> ClusterAgent:
         address = self.args.advertise or route_source(self.args.consul)
         info = describe_host(self.args.node, address, parse_labels(self.args.labels))
@@ -247,6 +320,7 @@ class Agent:
             local=store,
             cache_dir=self.cache_dir,
             registry=metrics.registry,
+            network=network,
         )
 
     def _cgroups(self) -> SandboxCgroups | None:
@@ -307,12 +381,40 @@ class Agent:
             ) from None
 
 
+def _describe_policy(policy: PolicyEngine | None) -> str:
+    if policy is None:
+        return "off"
+    return f"{policy.backend.name} ({', '.join(source.name for source in policy.sources)})"
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """`127.0.0.1:9464` -> ("127.0.0.1", 9464); UsageError when malformed."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise errors.UsageError(f"invalid --metrics-address {address!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def uninstall_policy(args: argparse.Namespace) -> int:
+    """`--uninstall-policy`: refuse while an agent runs (it would enforce again), else remove."""
+    from agent.netpol.uninstall import uninstall  # pyroute2 only when asked
+
+    socket_path = args.socket or paths.socket_path()
+    if paths.socket_answers(socket_path):
+        print(f"nova-agent: an agent is running on {socket_path}; stop it first", file=sys.stderr)
+        return errors.EXIT_NOVA
+    if os.geteuid() != 0:
+        print("nova-agent: --uninstall-policy needs root", file=sys.stderr)
+        return errors.EXIT_NOVA
+    try:
+        removed = uninstall()
+    except OSError as exc:
+        print(f"nova-agent: uninstall failed: {exc}", file=sys.stderr)
+        return errors.EXIT_NOVA
+    for line in removed:
+        print(f"removed {line}")
+    print(f"network policy uninstalled ({len(removed)} objects removed)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.uninstall_policy:
+        return uninstall_policy(args)
     try:
         check_cluster_args(args)
     except errors.UsageError as exc:

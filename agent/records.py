@@ -30,6 +30,7 @@ class ContainerRecord:
     finished_at: float | None = None
     startup_us: float | None = None
     status: ExitStatus | None = None
+    network: dict[str, Any] | None = None  # NetAttachment.to_json() while it has a netns
 
     def to_json(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -52,6 +53,7 @@ class ContainerRecord:
             finished_at=data.get("finished_at"),
             startup_us=data.get("startup_us"),
             status=ExitStatus.from_json(status) if status else None,
+            network=data.get("network"),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -69,6 +71,9 @@ class ContainerRecord:
             "http_port": self.spec.http_port,
             "isolation": self.spec.isolation.value,
             "namespace": self.spec.namespace,
+            "labels": dict(self.spec.labels),
+            "ip": (self.network or {}).get("ip"),
+            "network": self.network,
             "limits": {
                 "memory_bytes": self.spec.memory_bytes,
                 "cpu_millicores": self.spec.cpu_millicores,

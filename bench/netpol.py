@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -57,6 +58,7 @@ ENGINES = ("ebpf", "nftables", "iptables")
 CLIENT_IP, SERVER_IP = IPv4Address("10.78.0.2"), IPv4Address("10.78.0.3")
 CLIENT_ID, SERVER_ID = 256, 257
 UPDATE_RULES = 1000
+UPDATE_SPORTS = range(20000, 32768)  # below the ephemeral range; one per sample
 GOAL_UPDATE_P99_US = 100_000
 GOAL_EBPF_RATIO = 1.05
 
@@ -110,11 +112,15 @@ def stream(seconds):
         s.sendall(buf); sent += len(buf)
     s.close()
     return sent / (time.monotonic() - t0)
-def wait_udp(limit):
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(0.0005); s.sendto(b"u", (SRV, 80))
+def wait_udp(arg):
+    # One socket, on a source port no earlier sample used: a flow tracked in an earlier
+    # sample (conntrack, the eBPF flow map) would let its datagrams pass before the change.
+    limit, sport = arg.split(",")
+    end = time.monotonic() + float(limit)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("0.0.0.0", int(sport))); s.settimeout(0.0005)
+        while time.monotonic() < end:
+            s.sendto(b"u", (SRV, 80))
             try:
                 s.recvfrom(8); return time.monotonic_ns()
             except OSError:
@@ -130,7 +136,7 @@ for line in sys.stdin:
     cmd, arg = line.split()
     if cmd == "rr": out = rr(int(arg))
     elif cmd == "stream": out = stream(float(arg))
-    elif cmd == "wait_udp": out = wait_udp(float(arg))
+    elif cmd == "wait_udp": out = wait_udp(arg)
     else: out = probe()
     print(json.dumps(out), flush=True)
 """
@@ -349,8 +355,9 @@ async def _measure(args: argparse.Namespace) -> tuple[dict[str, Samples], dict[s
         for r in range(args.rounds):
             for engine in common.rotate(["none", *args.engines], r):
                 await _engine_block(net, engine, args, results)
+        sports = iter(UPDATE_SPORTS)
         for engine in [e for e in args.engines if e != "iptables"]:
-            updates[engine] = await _update_latency(net, engine, args.updates)
+            updates[engine] = await _update_latency(net, engine, args.updates, sports)
     finally:
         net.close()
     return results, updates
@@ -392,7 +399,7 @@ async def _engine_block(
             iptables.remove()
 
 
-async def _update_latency(net: Net, engine: str, count: int) -> list[float]:
+async def _update_latency(net: Net, engine: str, count: int, sports: Iterator[int]) -> list[float]:
     backend = _backend(net, engine)
     await backend.start()
     samples: list[float] = []
@@ -403,7 +410,10 @@ async def _update_latency(net: Net, engine: str, count: int) -> list[float]:
             await backend.apply(compiled_policy(net, UPDATE_RULES, client_allowed=False, gen=gen))
             await asyncio.sleep(0.01)
             assert net.client.stdin is not None and net.client.stdout is not None
-            net.client.stdin.write("wait_udp 3\n")
+            sport = next(sports, None)
+            if sport is None:
+                raise common.BenchError(f"--updates: at most {len(UPDATE_SPORTS)} samples in all")
+            net.client.stdin.write(f"wait_udp 3,{sport}\n")
             net.client.stdin.flush()
             await asyncio.sleep(0.005)  # the prober is polling (and being refused)
             allowing = compiled_policy(net, UPDATE_RULES, gen=gen + 1)  # compiled beforehand

@@ -9,6 +9,7 @@ the other hosts:
   entry `00:00:00:00:00:00 dst <peer underlay IP>` per other node carrying
   the segment (from the node inventory), so broadcast and unknown unicast go
   to each of them; the bridge and the VXLAN device learn the rest.
+- `BridgeSegment`: the bridge alone, for an agent on one host.
 - `VlanSegment`: for bare-metal 802.1Q trunks, a VLAN sub-interface
   `nvv<vid>` of the uplink NIC (VID = segment id) as the bridge's port, so the
   switch carries the segment. Needs the kernel's 8021q; no bridge VLAN
@@ -208,6 +209,27 @@ class Segment(abc.ABC):
                 raise NetworkSetupError("verify", self.where, f"{uplink} is not an up port")
             mtu = int(link.get("mtu"))
         return SegmentLinks(self.segment_id, self.bridge, bridge_index, uplink, mtu)
+
+
+class BridgeSegment(Segment):
+    """The segment on one host only: the bridge, no uplink (a single-host agent).
+
+    Same names as the other modes, so an agent that later gets an underlay
+    (`--vxlan-local`) adds the uplink to the bridge its containers are on.
+    """
+
+    kind = "bridge"
+
+    async def ensure(self) -> SegmentLinks:
+        async with rtnl(self.netns) as ipr:
+            bridge = await self._ensure_bridge(ipr)
+            return await self._links(ipr, bridge, None)
+
+    async def remove(self) -> bool:
+        return await self._remove_links((self.bridge, "bridge"))
+
+    async def set_peers(self, peers: Iterable[IPv4Address]) -> None:
+        """No other host carries a local-only segment."""
 
 
 class VxlanSegment(Segment):

@@ -119,13 +119,15 @@ def select_backend(
     table: str = "nova",
     link_prefix: str = "nvh",
     netns: str | None = None,
+    drop_log_rate: int = 0,
 ) -> PolicyBackend:
     """The backend to use: `preferred` ("ebpf", "nftables"), or with "auto" eBPF if usable.
 
     `table` names the nftables table (tests use their own); `link_prefix`
     is how the host veths are named (an eBPF backend only ever adopts or
     cleans links named so); `netns` is where the host veths and the bridge
-    live (None: this process's netns). Raises
+    live (None: this process's netns); `drop_log_rate` > 0 logs at most that many
+    dropped packets a second (eBPF: the agent's log; nftables: the kernel log). Raises
     PolicyBackendError when the requested backend cannot run here.
     """
     if preferred not in (*BACKEND_NAMES, "auto"):
@@ -137,7 +139,7 @@ def select_backend(
         if reason is None:
             from agent.netpol.ebpf import EbpfBackend
 
-            return EbpfBackend(link_prefix=link_prefix, netns=netns)
+            return EbpfBackend(link_prefix=link_prefix, netns=netns, drop_log_rate=drop_log_rate)
         if preferred == "ebpf":
             raise PolicyBackendError("ebpf", "select", "this host", reason)
     reason = nft_unavailable_reason()
@@ -145,4 +147,4 @@ def select_backend(
         raise PolicyBackendError("nftables", "select", "this host", reason)
     from agent.netpol.nft import NftBackend
 
-    return NftBackend(table=table, netns=netns)
+    return NftBackend(table=table, netns=netns, drop_log_rate=drop_log_rate)

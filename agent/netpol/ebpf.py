@@ -16,6 +16,11 @@ CIDRs), then the endpoint configs (isolation flags), then deletes entries no
 longer wanted. While it runs an isolated endpoint allows at most the union
 of the old and new policy, never everything.
 
+Drop logging (`drop_log_rate` > 0): the programs put each drop, at most that
+many a second over all CPUs, on the `nova_drops_v1` ring buffer; a thread of
+this backend polls it and logs one line per drop on the logger
+`nova.agent.netpol.drops` (endpoint, direction, addresses, ports, policy).
+
 Agent restart: maps are not pinned (bpffs is not mounted on every host), so
 a new process loads new programs with new, empty maps. The old filters keep
 enforcing the old policy (the filter holds the old program and its maps)
@@ -35,6 +40,7 @@ import errno
 import logging
 import socket
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -73,6 +79,25 @@ _FIXED_COUNTERS = {
     3: api.COUNTER_NOT_IPV4,
 }
 _GONE = frozenset({errno.ENOENT, errno.ENODEV, errno.EINVAL})
+_PROTOCOLS = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp", socket.IPPROTO_SCTP: "sctp"}
+
+drop_log = logging.getLogger("nova.agent.netpol.drops")
+
+
+class _DropEvent(ctypes.Structure):
+    """struct drop_event in policy.c."""
+
+    _fields_ = [
+        ("endpoint", ctypes.c_uint32),
+        ("saddr", ctypes.c_uint32),
+        ("daddr", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("counter", ctypes.c_uint32),
+        ("protocol", ctypes.c_uint8),
+        ("direction", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
 
 
 def _be32(address: IPv4Address | IPv4Network) -> int:
@@ -93,7 +118,12 @@ class EbpfBackend(api.PolicyBackend):
 
     name = "ebpf"
 
-    def __init__(self, *, link_prefix: str = "nvh", netns: str | None = None) -> None:
+    def __init__(
+        self, *, link_prefix: str = "nvh", netns: str | None = None, drop_log_rate: int = 0
+    ) -> None:
+        self._drop_log_rate = drop_log_rate  # drops logged per second at most; 0: none
+        self._poller: threading.Thread | None = None
+        self._polling = threading.Event()
         self._link_prefix = link_prefix  # only links named so are ever adopted or cleaned
         self._netns = netns  # where the host veths live (None: this process's netns)
         self._rtnl: Any = None
@@ -131,6 +161,10 @@ class EbpfBackend(api.PolicyBackend):
         async with self._lock:
             if remove and self._bpf is not None:
                 await asyncio.to_thread(self._detach_all)
+            if self._poller is not None:
+                self._polling.clear()
+                await asyncio.to_thread(self._poller.join)
+                self._poller = None
             if self._bpf is not None:
                 self._bpf.cleanup()
             if self._rtnl is not None:
@@ -161,28 +195,58 @@ class EbpfBackend(api.PolicyBackend):
         except Exception as exc:  # bcc raises bare Exception for compile/verifier errors
             raise api.PolicyBackendError(self.name, "load", str(SOURCE), str(exc)) from exc
         self._bpf, self._progs = bpf, progs
+        if self._drop_log_rate > 0:
+            self._start_drop_log()
         self._earlier_run = self._links_with_our_filters()
         log.info(
             "eBPF policy programs loaded (%d links carry an earlier run's filters)",
             len(self._earlier_run),
         )
 
+    def _start_drop_log(self) -> None:
+        table = self._bpf[b"nova_droplog_v1"]
+        config = table.Leaf()
+        config.rate = self._drop_log_rate
+        table[table.Key(0)] = config
+        self._bpf[b"nova_drops_v1"].open_ring_buffer(self._on_drop)
+        self._polling.set()
+        self._poller = threading.Thread(target=self._poll_drops, name="nova-drop-log", daemon=True)
+        self._poller.start()
+
+    def _poll_drops(self) -> None:
+        bpf = self._bpf
+        while self._polling.is_set():
+            bpf.ring_buffer_poll(100)  # ms: how long close() waits at most
+
+    def _on_drop(self, _ctx: Any, data: Any, _size: int) -> None:
+        try:  # a bad event must not end the poller
+            self._log_drop(ctypes.cast(data, ctypes.POINTER(_DropEvent)).contents)
+        except Exception:
+            log.exception("cannot log a policy drop")
+
+    def _log_drop(self, ev: _DropEvent) -> None:
+        # list() snapshots in one step: apply() changes these dicts from another thread
+        attached = list(self._attached.values())
+        slots = list(self._slots.items())
+        where = next(
+            (f"{a.key} ({a.ifname})" for a in attached if a.ifindex == ev.endpoint),
+            f"ifindex {ev.endpoint}",
+        )
+        policy = next((name for name, slot in slots if slot == ev.counter), "?")
+        protocol = _PROTOCOLS.get(ev.protocol, f"protocol {ev.protocol}")
+        src = str(IPv4Address(struct.pack("=I", ev.saddr)))
+        dst = str(IPv4Address(struct.pack("=I", ev.daddr)))
+        if ev.protocol in _PROTOCOLS:
+            src += f":{socket.ntohs(ev.sport)}"
+            dst += f":{socket.ntohs(ev.dport)}"
+        direction = "ingress" if ev.direction == DIR_INGRESS else "egress"
+        drop_log.info(
+            "policy drop at %s %s: %s %s -> %s (%s)", where, direction, protocol, src, dst, policy
+        )
+
     def _links_with_our_filters(self) -> set[int]:
-        found: set[int] = set()
         with self._ipr() as ipr:
-            for link in ipr.get_links():
-                index = link["index"]
-                if not str(link.get("ifname") or "").startswith(self._link_prefix):
-                    continue
-                try:
-                    filters = ipr.get_filters(index=index, parent=PARENT_INGRESS)
-                except NetlinkError:
-                    continue
-                for f in filters:
-                    name = f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
-                    if f.get("kind") == "bpf" and str(name or "").startswith(PROG_FROM_CTR):
-                        found.add(index)
-        return found
+            return links_with_filters(ipr, self._link_prefix)
 
     # -- apply -------------------------------------------------------------------------
 
@@ -326,27 +390,17 @@ class EbpfBackend(api.PolicyBackend):
         log.debug("policy programs attached to %s", attached.ifname)
 
     def _detach(self, ipr: Any, attached: _Attached) -> None:
-        for parent in (PARENT_INGRESS, PARENT_EGRESS):
-            try:  # ours by preference and handle; anything else on the link stays
-                ipr.tc(
-                    "del-filter",
-                    "bpf",
-                    attached.ifindex,
-                    TC_HANDLE,
-                    parent=parent,
-                    prio=TC_PREF,
-                    protocol=0x0003,
-                )
-            except NetlinkError as exc:
-                if exc.code not in _GONE:
-                    raise
+        detach(ipr, attached.ifindex)
         log.debug("policy programs detached from %s", attached.ifname)
 
     def _detach_all(self) -> None:
         with self._ipr() as ipr:
             for attached in list(self._attached.values()):
                 self._detach(ipr, attached)
+            for index in self._earlier_run:  # never applied: an earlier run's filters go too
+                detach(ipr, index)
         self._attached.clear()
+        self._earlier_run = set()
         for name, current, kv in (
             ("nova_endpoints_v1", self._configs, self._config_kv),
             ("nova_policy_v1", self._policy, self._policy_kv),
@@ -371,3 +425,39 @@ class EbpfBackend(api.PolicyBackend):
     def attached(self) -> Iterable[str]:
         """Host veth names carrying this backend's programs (for status and tests)."""
         return sorted(a.ifname for a in self._attached.values())
+
+
+def links_with_filters(ipr: Any, link_prefix: str) -> set[int]:
+    """Indexes of links named `link_prefix`* that carry Nova's policy filter (any run's)."""
+    found: set[int] = set()
+    for link in ipr.get_links():
+        index = link["index"]
+        if not str(link.get("ifname") or "").startswith(link_prefix):
+            continue
+        try:
+            filters = ipr.get_filters(index=index, parent=PARENT_INGRESS)
+        except NetlinkError:
+            continue
+        for f in filters:
+            name = f.get_nested("TCA_OPTIONS", "TCA_BPF_NAME")
+            if f.get("kind") == "bpf" and str(name or "").startswith(PROG_FROM_CTR):
+                found.add(index)
+    return found
+
+
+def detach(ipr: Any, ifindex: int) -> None:
+    """Delete Nova's two filters from a link; anything else on it (and clsact) stays."""
+    for parent in (PARENT_INGRESS, PARENT_EGRESS):
+        try:  # ours by preference and handle
+            ipr.tc(
+                "del-filter",
+                "bpf",
+                ifindex,
+                TC_HANDLE,
+                parent=parent,
+                prio=TC_PREF,
+                protocol=0x0003,
+            )
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                raise

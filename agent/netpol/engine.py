@@ -13,7 +13,12 @@ Never fail open:
   retried with backoff, counted under `stage="apply"`;
 - `start()` starts the sources and waits for their first sync (the store's up
   to `initial_sync_s`) before the first apply, so a restart never enforces a
-  partial set of policies when it could have the whole.
+  partial set of policies when it could have the whole;
+- with `endpoints_pending=True` (the agent) the first apply also waits for
+  `endpoints_synced()`: the agent starts the engine before it recovers its
+  containers, and an apply before then would drop the endpoints it has not
+  reported yet. Until that first apply the kernel keeps what the previous
+  agent left in force, so a restart has no window without enforcement.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ class PolicyMetrics:
             "nova_policy_rules", "Rules enforced, over every endpoint and direction",
             registry=registry,
         )  # fmt: skip
+        for stage in ("parse", "apply"):
+            self.errors.labels(stage)  # exported at 0 from the start: alerts see the series
         self.packets = _PacketCollector()
         registry.register(self.packets)
 
@@ -138,6 +145,7 @@ class PolicyEngine:
         max_retry_s: float = 5.0,
         initial_sync_s: float = 5.0,
         counters_s: float = 10.0,
+        endpoints_pending: bool = False,
     ) -> None:
         self.backend = backend
         self.sources = list(sources)
@@ -155,6 +163,9 @@ class PolicyEngine:
         self._unsynced: list[str] = []
         self._version = 0  # bumped on every input change
         self._dirty = asyncio.Event()
+        self._endpoints_ready = asyncio.Event()
+        if not endpoints_pending:
+            self._endpoints_ready.set()
         self._state = _ApplyState()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -215,6 +226,10 @@ class PolicyEngine:
         self._changed()
 
     def add_endpoint(self, endpoint: Endpoint, *, name: str | None = None) -> None:
+        if self._endpoints.get(endpoint.key) == endpoint and (
+            not name or self._names.get(name) == endpoint.key
+        ):
+            return  # told again (starting, then up): nothing changes
         self._endpoints[endpoint.key] = endpoint
         if name:
             self._names[name] = endpoint.key
@@ -224,6 +239,43 @@ class PolicyEngine:
         if self._endpoints.pop(key, None) is not None:
             self._names = {n: k for n, k in self._names.items() if k != key}
             self._changed()
+
+    def selects(self, endpoint: Endpoint) -> bool:
+        """True when a policy in force selects `endpoint` (it is isolated in a direction)."""
+        return any(
+            p.namespace == endpoint.namespace and p.pod_selector.matches(endpoint.labels)
+            for p in self.policies
+        )
+
+    async def endpoint_starting(
+        self,
+        endpoint: Endpoint,
+        *,
+        name: str | None = None,
+        timeout: float = 5.0,  # noqa: ASYNC109
+    ) -> None:
+        """A container is about to run: report it, and when a policy selects it, return only
+        once that is enforced (its first packet meets its policy). Others do not wait: until
+        the next apply their address is unknown to the kernel, which only ever denies it.
+
+        Raises NovaError when enforcement does not come within `timeout`.
+        """
+        self.add_endpoint(endpoint, name=name)
+        if not self.selects(endpoint):
+            return
+        try:
+            await self.wait_applied(timeout)
+        except TimeoutError:
+            raise NovaError(
+                f"network policy for container {name or endpoint.key} was not enforced within "
+                f"{timeout:g}s ({self._state.error or 'apply pending'}); not starting it"
+            ) from None
+
+    def endpoints_synced(self) -> None:
+        """Every endpoint that exists has been reported: the first apply may run."""
+        if not self._endpoints_ready.is_set():
+            log.info("policy endpoints synced (%d); enforcing", len(self._endpoints))
+            self._endpoints_ready.set()
 
     def set_namespace_labels(self, namespace: str, labels: Mapping[str, str]) -> None:
         self._namespace_labels[namespace] = dict(labels)
@@ -270,6 +322,7 @@ class PolicyEngine:
             "applied_at": state.applied_at,
             "apply_seconds": state.duration_s,
             "pending": state.applied_version < self._version,
+            "endpoints_synced": self._endpoints_ready.is_set(),
             "policies": len(self.policies),
             "rules": rule_count(compiled) if compiled is not None else 0,
             "endpoints": len(compiled.endpoints) if compiled is not None else 0,
@@ -314,6 +367,7 @@ class PolicyEngine:
 
     async def _apply_loop(self) -> None:
         delay = self._retry_s
+        await self._endpoints_ready.wait()  # never apply a partial endpoint set
         while True:
             await self._dirty.wait()
             await asyncio.sleep(self._debounce_s)

@@ -17,6 +17,12 @@ bridge-family table drops frames whose IPv4 source is not the sending
 endpoint's address (spoofing) and non-IPv4, non-ARP frames of isolated
 endpoints.
 
+Drop logging (`drop_log_rate` > 0): before its drop, each isolated
+endpoint's chain logs to the kernel log (prefix `nova drop`), at most that
+many packets a second per endpoint and direction (one nft `limit` each). The
+kernel only logs from the initial network namespace unless
+`net.netfilter.nf_log_all_netns` is 1.
+
 Agent restart: the tables stay in the kernel while the agent is away; the
 first apply of the new process replaces them in one transaction (never a gap).
 The first apply of a process replaces the tables (add, delete, add table in
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,7 +52,10 @@ class NftBackend(api.PolicyBackend):
 
     name = "nftables"
 
-    def __init__(self, *, table: str = "nova", netns: str | None = None) -> None:
+    def __init__(
+        self, *, table: str = "nova", netns: str | None = None, drop_log_rate: int = 0
+    ) -> None:
+        self._drop_log_rate = drop_log_rate
         self._table = table
         self._netns = netns
         self._lock = asyncio.Lock()
@@ -68,7 +78,11 @@ class NftBackend(api.PolicyBackend):
             ports, missing = await self._host_ports(compiled)
             await self._enable_bridge_hooks(ports.values())
             document = transaction(
-                compiled, table=self._table, ports=ports, counters=self._counters
+                compiled,
+                table=self._table,
+                ports=ports,
+                counters=self._counters,
+                drop_log_rate=self._drop_log_rate,
             )
             made = made_by(document)
             if self._made is None:  # first apply of this process: replace whatever is there
@@ -165,13 +179,20 @@ class NftBackend(api.PolicyBackend):
         return await self._run(["ip", *netns, *argv], None, what="ip", check=check)
 
     async def _run(self, argv: list[str], stdin: str | None, *, what: str, check: bool) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        # The document goes in as an unlinked temporary file, not a pipe: `nft -f -`
+        # opens /dev/stdin, which fails (ENXIO) on the socketpair uvloop (the agent's
+        # loop) gives a child for a pipe.
+        with tempfile.TemporaryFile() as document:
+            if stdin is not None:
+                document.write(stdin.encode())
+                document.seek(0)
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=document if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await proc.communicate()
         if check and proc.returncode != 0:
             reason = err.decode(errors="replace").strip().splitlines()
             raise api.PolicyBackendError(

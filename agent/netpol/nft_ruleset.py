@@ -147,11 +147,13 @@ def transaction(
     table: str,
     ports: Mapping[str, str],
     counters: Counters,
+    drop_log_rate: int = 0,
 ) -> Json:
     """The whole ruleset for `compiled` as one `nft -j` document (replaces the tables).
 
     `ports` maps endpoint key -> host veth name; endpoints missing from it
-    are not enforced (their veth does not exist).
+    are not enforced (their veth does not exist). `drop_log_rate` > 0 logs
+    drops to the kernel log, at most that many a second per endpoint and direction.
     """
     inet: list[Json] = []
     T = {"family": "inet", "table": table}
@@ -251,7 +253,14 @@ def transaction(
                 ],
             )
             add("rule", chain=chain, expr=[{"vmap": {"key": peer, "data": f"@{chain}_any"}}])
-            deny = counters.object(deny_counter_name(entry, dtable), denied=True)
+            deny_name = deny_counter_name(entry, dtable)
+            if drop_log_rate > 0:  # its own rule: the limit must never decide the verdict
+                prefix = f"nova drop {entry.endpoint.key} {direction} ({deny_name}): "
+                add("rule", chain=chain, expr=[
+                    {"limit": {"rate": drop_log_rate, "per": "second"}},
+                    {"log": {"prefix": prefix[:127], "level": "info"}},
+                ])  # fmt: skip
+            deny = counters.object(deny_name, denied=True)
             add("rule", chain=chain, expr=[{"counter": deny}, {"drop": None}])
             dispatch[direction].append([str(entry.endpoint.ip), {"jump": {"target": chain}}])
     for direction in ("ingress", "egress"):

@@ -64,24 +64,39 @@ class LabelSelector:
 SELECT_ALL = LabelSelector()
 
 
-def check_label_key(field: Field, key: str) -> None:
-    """Kubernetes qualified names: `[prefix/]name`, prefix a DNS subdomain (<= 253)."""
+def label_key_problem(key: str) -> str | None:
+    """Why `key` is not a Kubernetes qualified name (`[prefix/]name`), or None."""
     prefix, slash, name = key.rpartition("/")
     if slash and (len(prefix) > 253 or not DNS_SUBDOMAIN.fullmatch(prefix)):
-        raise field.error(f"label key {key!r}: prefix {prefix!r} is not a DNS subdomain")
+        return f"label key {key!r}: prefix {prefix!r} is not a DNS subdomain"
     if not name or len(name) > 63 or not _LABEL_NAME.fullmatch(name):
-        raise field.error(
+        return (
             f"label key {key!r} is invalid: at most 63 letters, digits, '-', '_' or '.', "
             "starting and ending with a letter or digit (optionally after 'prefix/')"
         )
+    return None
 
 
-def check_label_value(field: Field, value: str) -> None:
+def label_value_problem(value: str) -> str | None:
+    """Why `value` is not a valid label value, or None."""
     if value and (len(value) > 63 or not _LABEL_NAME.fullmatch(value)):
-        raise field.error(
+        return (
             f"label value {value!r} is invalid: empty, or at most 63 letters, digits, "
             "'-', '_' or '.', starting and ending with a letter or digit"
         )
+    return None
+
+
+def check_label_key(field: Field, key: str) -> None:
+    problem = label_key_problem(key)
+    if problem is not None:
+        raise field.error(problem)
+
+
+def check_label_value(field: Field, value: str) -> None:
+    problem = label_value_problem(value)
+    if problem is not None:
+        raise field.error(problem)
 
 
 def parse_labels(field: Field) -> dict[str, str]:

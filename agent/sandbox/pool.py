@@ -18,11 +18,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 from agent.isolation.cgroups import Limits
 from agent.sandbox.cgroups import IDLE_LIMITS, SandboxCgroups, new_sandbox_id
+from agent.sandbox.network import SandboxNetwork
 from agent.sandbox.process import WorkerHandle, Zygote
 
 log = logging.getLogger("nova.agent.sandbox.pool")
@@ -42,12 +44,32 @@ class PoolStats:
 
 
 class WarmPool:
-    def __init__(self, zygote: Zygote, size: int, *, cgroups: SandboxCgroups | None = None) -> None:
+    """Idle workers of one Nova namespace (`namespace`), or of none (host network).
+
+    With `network`, each worker is born into its own netns on `namespace`'s
+    segment (attached before the fork, detached when the sandbox goes), so a
+    pool's sandboxes never serve another tenant.
+    """
+
+    def __init__(
+        self,
+        zygote: Zygote,
+        size: int,
+        *,
+        cgroups: SandboxCgroups | None = None,
+        network: SandboxNetwork | None = None,
+        namespace: str | None = None,
+    ) -> None:
         if size < 0:
             raise ValueError("pool size must be >= 0")
+        if (network is None) != (namespace is None):
+            raise ValueError("a pool has a network and a namespace, or neither")
         self.zygote = zygote
         self.size = size
         self.cgroups = cgroups
+        self.network = network
+        self.namespace = namespace
+        self.last_claim = time.monotonic()
         self._discarding: set[asyncio.Task[None]] = set()
         self._limits = IDLE_LIMITS  # what idle workers' cgroups carry: the latest run's
         self.stats = PoolStats()
@@ -74,6 +96,7 @@ class WarmPool:
             self._idle.append(await self._spawn())
 
     async def claim(self) -> WorkerHandle:
+        self.last_claim = time.monotonic()
         while self._idle:
             worker = self._idle.popleft()
             self._refill_after = time.monotonic() + (REFILL_DELAY_S if self._idle else 0.0)
@@ -114,7 +137,8 @@ class WarmPool:
             worker.kill()
         relabels = [worker.relabel for worker in idle if worker.relabel is not None]
         await asyncio.gather(*relabels, return_exceptions=True)  # before their cgroups go
-        if self.cgroups is not None:
+        await asyncio.gather(*(worker.exited() for worker in idle), return_exceptions=True)
+        if self.cgroups is not None or self.network is not None:
             await asyncio.gather(*(self._discard(worker.sandbox_id) for worker in idle))
         if self._discarding:
             await asyncio.gather(*self._discarding, return_exceptions=True)
@@ -150,27 +174,42 @@ class WarmPool:
         return task
 
     def discard_later(self, worker: WorkerHandle) -> None:
-        """Remove a dead or unused worker's cgroup in the background (destroy kills it)."""
-        if self.cgroups is not None:
+        """Remove a dead or unused worker's cgroup and network in the background."""
+        if self.cgroups is not None or self.network is not None:
             task = asyncio.ensure_future(self._discard(worker.sandbox_id))
             self._discarding.add(task)
             task.add_done_callback(self._discarding.discard)
 
     async def _discard(self, sandbox_id: str) -> None:
-        assert self.cgroups is not None
-        await asyncio.to_thread(self.cgroups.discard, sandbox_id)
+        if self.cgroups is not None:
+            await asyncio.to_thread(self.cgroups.discard, sandbox_id)
+        if self.network is not None:
+            try:
+                await self.network.detach(sandbox_id)
+            except Exception as exc:  # recovery at the next start removes what is left
+                log.warning("cannot remove sandbox %s's network: %s", sandbox_id, exc)
 
     async def _spawn(self) -> WorkerHandle:
         sandbox_id = new_sandbox_id()
-        if self.cgroups is None:
-            worker = await self.zygote.spawn(sandbox_id)
-        else:
-            await asyncio.to_thread(self.cgroups.prepare_idle, sandbox_id)
-            try:
-                worker = await self.zygote.spawn(sandbox_id, join=True)
-            except BaseException:
-                await self._discard(sandbox_id)
-                raise
+        netns_fd = None
+        try:
+            if self.network is not None:
+                assert self.namespace is not None
+                await self.network.attach(sandbox_id, self.namespace)
+                netns_fd = self.network.open_netns(sandbox_id)
+            if self.cgroups is not None:
+                await asyncio.to_thread(self.cgroups.prepare_idle, sandbox_id)
+            worker = await self.zygote.spawn(
+                sandbox_id, join=self.cgroups is not None, netns_fd=netns_fd
+            )
+        except BaseException:
+            await self._discard(sandbox_id)
+            raise
+        finally:
+            if netns_fd is not None:
+                os.close(netns_fd)
+        worker.network = self.network.attachment(sandbox_id) if self.network else None
+        if self.cgroups is not None:
             worker.cgroup_limits = IDLE_LIMITS
             if self._limits != IDLE_LIMITS:  # after its warm-up: no CPU quota slows that
                 await self._relabel(worker, self._limits)

@@ -12,12 +12,15 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.isolation.cgroups import Limits
 from agent.sandbox import channel
 from agent.sandbox.spec import ExitReason, ExitStatus, RunSpec
 from nova import errors
+
+if TYPE_CHECKING:
+    from agent.sandbox.network import NetAttachment
 
 READY_TIMEOUT_S = 30.0
 
@@ -78,6 +81,7 @@ class WorkerHandle:
         self.cgroup_limits: Limits | None = None  # what that cgroup allows now (None: unknown)
         self.relabel: asyncio.Future[None] | None = None  # a change of cgroup_limits in flight
         self.pooled = False  # claimed warm from the pool
+        self.network: NetAttachment | None = None  # its netns and address, if it has one
         self.sock = sock
         self.sock.setblocking(False)
         self._popen = popen  # set when we started the interpreter ourselves (cold path)
@@ -105,10 +109,15 @@ class WorkerHandle:
         with contextlib.suppress(OSError):
             channel.send(self.sock, message)
 
-    def run(self, spec: RunSpec, stdio: tuple[int, int, int]) -> None:
+    def run(
+        self, spec: RunSpec, stdio: tuple[int, int, int], *, extra_fds: list[int] | None = None
+    ) -> None:
+        """Hand the worker its spec, stdio and (`extra_fds`) a published port's listener."""
         self.spec = spec
         try:
-            channel.send(self.sock, {"op": "run", "spec": spec.to_json()}, list(stdio))
+            channel.send(
+                self.sock, {"op": "run", "spec": spec.to_json()}, [*stdio, *(extra_fds or [])]
+            )
         except OSError as exc:
             raise errors.SandboxError(f"worker {self.pid} is gone: {exc.strerror}") from None
 
@@ -243,16 +252,25 @@ class Zygote:
             raise errors.SandboxError("the zygote exited")
         return reply
 
-    async def spawn(self, sandbox_id: str, *, join: bool = False) -> WorkerHandle:
+    async def spawn(
+        self, sandbox_id: str, *, join: bool = False, netns_fd: int | None = None
+    ) -> WorkerHandle:
         """Fork a worker for container `sandbox_id` and wait until it is ready to run.
 
         With `join`, the worker moves into that container's cgroup (which the
-        caller made) right after the fork, before it warms up.
+        caller made) right after the fork, before it warms up. With `netns_fd`
+        it first joins that network namespace (the caller keeps its fd).
         """
         ours, theirs = channel.pair()
-        message = {"op": "spawn", "sandbox": sandbox_id, "join": join}
+        message = {
+            "op": "spawn",
+            "sandbox": sandbox_id,
+            "join": join,
+            "netns": netns_fd is not None,
+        }
+        fds = [theirs.fileno()] if netns_fd is None else [theirs.fileno(), netns_fd]
         try:
-            reply = await asyncio.to_thread(self._request, message, [theirs.fileno()])
+            reply = await asyncio.to_thread(self._request, message, fds)
         finally:
             theirs.close()
         if "pid" not in reply:

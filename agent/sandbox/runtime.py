@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 from agent.sandbox.cache import CachedModule, ModuleCache
 from agent.sandbox.cgroups import SandboxCgroups, new_sandbox_id, run_limits
+from agent.sandbox.network import SandboxNetwork, detach_quietly, publish_port
 from agent.sandbox.pool import WarmPool
 from agent.sandbox.process import WorkerHandle, Zygote, spawn_cold_worker
-from agent.sandbox.spec import ExitStatus, Isolation, RunSpec
+from agent.sandbox.spec import DEFAULT_NAMESPACE, ExitStatus, Isolation, RunSpec
 from nova import errors
 
 log = logging.getLogger("nova.agent.sandbox")
@@ -46,6 +47,7 @@ class Container:
     launched_ns: int  # when the run message was handed to the worker
     pooled: bool  # True when the worker came warm from the pool
     cgroups: SandboxCgroups | None = None  # set when the worker has a cgroup to settle
+    network: SandboxNetwork | None = None  # set when the worker has a netns to remove
     _status: asyncio.Task[ExitStatus] | None = field(default=None, repr=False)
 
     @property
@@ -69,10 +71,14 @@ class Container:
 
     async def _wait(self) -> ExitStatus:
         status = await self._result()
-        if self.cgroups is None:
+        if self.cgroups is None and self.network is None:
             return status
         await self.worker.exited()  # usage is final once the worker is gone
-        return await asyncio.to_thread(self.cgroups.settle, self.spec, status)
+        if self.cgroups is not None:
+            status = await asyncio.to_thread(self.cgroups.settle, self.spec, status)
+        if self.network is not None:
+            await detach_quietly(self.network, self.spec.id)
+        return status
 
     async def _result(self) -> ExitStatus:
         timeout = self.spec.timeout_s
@@ -108,26 +114,74 @@ class SandboxRuntime:
         memory_cache_entries: int = 64,
         use_zygote: bool = True,
         cgroups: SandboxCgroups | None = None,
+        network: SandboxNetwork | None = None,
+        namespace_pool_size: int = 2,
     ) -> None:
+        if network is not None and not use_zygote:
+            raise ValueError("per-container networks need the zygote (workers join at fork)")
         self.cache = ModuleCache(cache_dir, memory_entries=memory_cache_entries)
         self.use_zygote = use_zygote
         self.cgroups = cgroups
+        self.network = network
+        self.pool_size = pool_size
+        self.namespace_pool_size = namespace_pool_size
         cgroup_root = cgroups.root_name if cgroups is not None else None
         self.zygote = Zygote(cgroup_root=cgroup_root) if use_zygote else None
-        self.pool = WarmPool(self.zygote, pool_size, cgroups=cgroups) if self.zygote else None
+        # Pools by Nova namespace (with a network), or the one host-network pool (None).
+        self.pools: dict[str | None, WarmPool] = {}
+        self.pool = self._make_pool(DEFAULT_NAMESPACE if network else None) if self.zygote else None
+        self._hot: CachedModule | None = None  # what new pools should keep on standby
+        self._started = False
 
     async def start(self, *, fill: bool = True) -> None:
         if self.zygote is not None and self.pool is not None:
             await self.zygote.start()
             if fill:
-                await self.pool.fill()
+                try:
+                    await self.pool.fill()
+                except errors.NovaError as exc:  # e.g. the store is down: the refill retries
+                    log.error("warm pool: cannot fill it now (%s); retrying in the background", exc)
             self.pool.start()
+            self._started = True
 
     async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         if self.zygote is not None:
             await self.zygote.close()
+
+    def _make_pool(self, namespace: str | None) -> WarmPool:
+        assert self.zygote is not None
+        if self.network is None:
+            size = self.pool_size
+        elif namespace is None:  # --isolation none beside isolated containers: rare, unpooled
+            size = 0
+        else:
+            size = self.pool_size if namespace == DEFAULT_NAMESPACE else self.namespace_pool_size
+        pool = WarmPool(
+            self.zygote,
+            size,
+            cgroups=self.cgroups,
+            network=self.network if namespace is not None else None,
+            namespace=namespace,
+        )
+        self.pools[namespace] = pool
+        return pool
+
+    async def _pool_for(self, namespace: str, isolation: Isolation) -> WarmPool | None:
+        """The pool a container of `namespace` with `isolation` takes its worker from."""
+        if self.pool is None:
+            return None
+        if self.network is None:
+            return self.pool
+        key = None if self.resolve_isolation(isolation) is Isolation.NONE else namespace
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self._make_pool(key)
+            if self._hot is not None:
+                await self.make_hot(self._hot)
+            if self._started:
+                pool.start()  # refills in the background; this claim is a miss
+        return pool
 
     async def resolve(self, path: str) -> CachedModule:
         """Validate and compile (once) the module at `path`; make it hot in the pool."""
@@ -138,10 +192,11 @@ class SandboxRuntime:
         return module
 
     async def make_hot(self, module: CachedModule) -> None:
-        """Have the pool load `module` (and keep it on standby) for the next starts."""
-        if self.pool is not None:
+        """Have the pools load `module` (and keep it on standby) for the next starts."""
+        self._hot = module
+        for pool in list(self.pools.values()):
             with contextlib.suppress(Exception):  # hotness is an optimisation only
-                await self.pool.preload(
+                await pool.preload(
                     module.digest, str(module.artifact), standby=not module.has_start_section
                 )
 
@@ -156,29 +211,36 @@ class SandboxRuntime:
         return Isolation.NONE
 
     def sandbox_ids(self) -> set[str]:
-        """Container ids whose cgroups belong to idle workers of this runtime."""
-        return self.pool.sandbox_ids() if self.pool is not None else set()
+        """Container ids whose cgroups (and netns) belong to idle workers of this runtime."""
+        return set().union(*(pool.sandbox_ids() for pool in self.pools.values()))
 
-    async def claim(self) -> WorkerHandle:
-        """A worker for the next container: warm from the pool, or a new one.
+    async def claim(
+        self, namespace: str = DEFAULT_NAMESPACE, isolation: Isolation = Isolation.AUTO
+    ) -> WorkerHandle:
+        """A worker for the next container: warm from its namespace's pool, or a new one.
 
-        Its `sandbox_id` is the container's id. Hand it to `launch`, or to
+        Its `sandbox_id` is the container's id; with a network it already sits
+        in its own netns on `namespace`'s segment. Hand it to `launch`, or to
         `release` if the start is abandoned.
         """
-        if self.pool is not None:
-            return await self.pool.claim()
+        pool = await self._pool_for(namespace, isolation)
+        if pool is not None:
+            return await pool.claim()
         cgroup_root = self.cgroups.root_name if self.cgroups is not None else None
         return await spawn_cold_worker(new_sandbox_id(), cgroup_root=cgroup_root)
 
     async def release(self, worker: WorkerHandle) -> None:
-        """End a claimed worker that will not run anything, and remove its cgroup."""
+        """End a claimed worker that will not run anything; remove its cgroup and netns."""
         worker.close_channel()
         worker.kill()
-        if self.cgroups is not None:
+        if self.cgroups is not None or worker.network is not None:
             if worker.relabel is not None:
                 await worker.relabel  # never write to a cgroup after it is gone
             await worker.exited()
+        if self.cgroups is not None:
             await asyncio.to_thread(self.cgroups.discard, worker.sandbox_id)
+        if worker.network is not None and self.network is not None:
+            await detach_quietly(self.network, worker.sandbox_id)
 
     async def launch(
         self,
@@ -214,11 +276,31 @@ class SandboxRuntime:
             except OSError as exc:
                 await self.release(worker)
                 raise errors.SandboxError(f"cannot set up the container's cgroup: {exc}") from None
+        if worker.network is not None and spec.namespace != worker.network.namespace:
+            await self.release(worker)  # never across tenants; claim() makes this impossible
+            raise errors.SandboxError(
+                f"sandbox {worker.sandbox_id} belongs to namespace {worker.network.namespace}, "
+                f"not {spec.namespace}"
+            )
+        fds = list(stdio)
+        listener = None
+        if worker.network is not None and spec.http_port is not None:
+            try:  # published in the host's netns; the worker serves it from its own
+                listener = publish_port(spec.http_host, spec.http_port)
+            except OSError as exc:
+                await self.release(worker)
+                raise errors.SandboxError(
+                    f"cannot listen on {spec.http_host}:{spec.http_port}: {exc.strerror or exc}"
+                ) from None
+            fds.append(listener.fileno())
         try:
-            worker.run(spec, stdio)
+            worker.run(spec, (fds[0], fds[1], fds[2]), extra_fds=fds[3:])
         except errors.SandboxError:
             await self.release(worker)
             raise
+        finally:
+            if listener is not None:
+                listener.close()  # the worker has its own copy
         if cgroups is not None and self.pool is not None:
             self.pool.expect_limits(limits)  # the next start with these limits writes nothing
         return Container(
@@ -228,4 +310,5 @@ class SandboxRuntime:
             launched_ns=time.monotonic_ns(),
             pooled=worker.pooled,
             cgroups=cgroups,
+            network=self.network if worker.network is not None else None,
         )

@@ -26,6 +26,9 @@ def _split_mount(text: str, flag: str, example: str) -> tuple[str, str, bool]:
     return parts[0], parts[1], read_only
 
 
+DEFAULT_NAMESPACE = "default"
+
+
 @dataclass(frozen=True, slots=True)
 class DirMount:
     """A host directory preopened for the guest (`--dir HOST:GUEST[:ro]`)."""
@@ -119,8 +122,9 @@ class RunSpec:
     cpu_millicores: int | None = None  # CFS quota: 500 = half a core
     pids_max: int | None = None  # processes + threads of the worker; None: the default cap
     isolation: Isolation = Isolation.AUTO
-    namespace: str = "default"  # the Nova namespace (tenant) the container belongs to
+    namespace: str = DEFAULT_NAMESPACE  # the Nova namespace (tenant) the container belongs to
     volumes: tuple[VolumeMount, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()  # sorted; network policy selects by them
 
     def preopens(self) -> list[tuple[str, str, bool]]:
         """(host, guest, read_only) of every directory the guest gets: --dir, then volumes."""
@@ -156,6 +160,7 @@ class RunSpec:
             "isolation": self.isolation.value,
             "namespace": self.namespace,
             "volumes": [v.to_json() for v in self.volumes],
+            "labels": dict(self.labels),
         }
 
     @classmethod
@@ -177,8 +182,9 @@ class RunSpec:
             cpu_millicores=data.get("cpu_millicores"),
             pids_max=data.get("pids_max"),
             isolation=Isolation(data.get("isolation", Isolation.NONE)),
-            namespace=data.get("namespace", "default"),
+            namespace=data.get("namespace", DEFAULT_NAMESPACE),
             volumes=tuple(VolumeMount(**v) for v in data.get("volumes", ())),
+            labels=tuple(sorted(data.get("labels", {}).items())),
         )
 
 

@@ -27,6 +27,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -264,9 +265,12 @@ class ServerStats:
 class WagiServer:
     """aiohttp's low-level server in front of a RequestRunner."""
 
-    def __init__(self, spec: RunSpec, runner: RequestRunner) -> None:
+    def __init__(
+        self, spec: RunSpec, runner: RequestRunner, listener: socket.socket | None = None
+    ) -> None:
         self.spec = spec
         self.runner = runner
+        self.listener = listener  # made by the agent in the host's netns (a sandbox in its own)
         self.stats = ServerStats()
         self._base_env = dict(spec.env)
         self._host = spec.http_host
@@ -374,13 +378,27 @@ class WagiServer:
         runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         try:
-            site = web.TCPSite(
-                runner, self._host, self._port, backlog=LISTEN_BACKLOG, reuse_address=True
+            sites: list[tuple[str, web.BaseSite]] = []
+            if self.listener is not None:
+                # Sandboxed: the published port (host netns, bound by the agent), and
+                # the same port on the container's own address, for its segment peers.
+                sites.append((f"{self._host}:{self._port}", web.SockSite(runner, self.listener)))
+                host = "0.0.0.0"  # the container's own netns: its eth0 and lo
+            else:
+                host = self._host
+            sites.append(
+                (
+                    f"{host}:{self._port}",
+                    web.TCPSite(
+                        runner, host, self._port, backlog=LISTEN_BACKLOG, reuse_address=True
+                    ),
+                )
             )
-            try:
-                await site.start()
-            except OSError as exc:
-                return f"cannot listen on {self._host}:{self._port}: {exc.strerror or exc}"
+            for where, site in sites:
+                try:
+                    await site.start()
+                except OSError as exc:
+                    return f"cannot listen on {where}: {exc.strerror or exc}"
             log.warning("wagi: serving %s on http://%s:%d/", self.spec.name, self._host, self._port)
             await stopping.wait()
             return None
@@ -389,10 +407,16 @@ class WagiServer:
 
 
 def serve(
-    spec: RunSpec, table: worker.ModuleTable, *, on_watchdog: Callable[[], None] | None = None
+    spec: RunSpec,
+    table: worker.ModuleTable,
+    *,
+    on_watchdog: Callable[[], None] | None = None,
+    listen_fd: int | None = None,
 ) -> ExitStatus:
     """Serve HTTP for `spec` until SIGTERM; the container's ExitStatus (EXITED 0 when stopped).
 
+    With `listen_fd` it serves on that listening socket (which the agent
+    bound in the host's netns) instead of binding (http_host, http_port).
     Blocking; runs its own uvloop event loop. `on_watchdog` is called (from
     the epoch thread) when a guest stays blocked in a host call past its
     timeout plus a grace; it must end the process.
@@ -404,7 +428,8 @@ def serve(
         return ExitStatus.for_reason(
             ExitReason.FAILED, f"cannot start the module: {worker._first_line(exc)}"
         )
-    server = WagiServer(spec, runner)
+    listener = None if listen_fd is None else socket.socket(fileno=listen_fd)
+    server = WagiServer(spec, runner, listener)
     entry_ns = time.monotonic_ns()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:

@@ -385,6 +385,7 @@ def serve(sock: socket.socket, table: ModuleTable, *, joined: str | None = None)
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
         os.close(fd)
+    listen_fd = fds[3] if len(fds) > 3 else None  # a published port, bound by the agent
 
     def watchdog() -> None:
         status = ExitStatus.for_reason(
@@ -403,7 +404,7 @@ def serve(sock: socket.socket, table: ModuleTable, *, joined: str | None = None)
         from agent.sandbox import wagi  # only HTTP workers need aiohttp
 
         announce_start(time.monotonic_ns())
-        status = wagi.serve(spec, table, on_watchdog=watchdog)
+        status = wagi.serve(spec, table, on_watchdog=watchdog, listen_fd=listen_fd)
     else:
         status = execute(
             spec, table, ticker, on_watchdog=watchdog, on_start=announce_start, standby=standby

@@ -10,9 +10,12 @@ Started with a cgroup root name (`zygote.py FD ROOT`), it registers the
 cgroup prepare hook in `worker.PREPARE_HOOKS` before forking, so every
 worker inherits it, and a worker spawned with `join` moves into its
 container's cgroup (made by the agent) right after the fork, while idle.
+A worker spawned with a netns fd joins that network namespace first (the
+agent made it, with its veth and address: agent/sandbox/network.py).
 
 Requests on the control channel (one reply each):
-    {"op": "spawn", "sandbox": ID, "join": B} + 1 fd (the worker's end of its channel)
+    {"op": "spawn", "sandbox": ID, "join": B, "netns": B}
+        + 1 fd (the worker's end of its channel) [+ 1 fd of the netns to join]
                                                          -> {"pid": N}
     {"op": "preload", "digest": D, "artifact": PATH, "standby": B}
                                                          -> {"ok": bool, "error": str}
@@ -28,6 +31,7 @@ import sys
 import wasmtime
 
 from agent.isolation.cgroups import Cgroups
+from agent.isolation.nsjoin import join_netns
 from agent.sandbox import channel, engine, worker
 from agent.sandbox import wagi as _wagi  # noqa: F401 (loaded once here, shared by HTTP workers)
 from agent.sandbox.cgroups import PrepareHook
@@ -38,6 +42,7 @@ def _spawn(
     worker_sock_fd: int,
     table: worker.ModuleTable,
     join: tuple[Cgroups, PrepareHook, str] | None,
+    netns_fd: int | None = None,
 ) -> int:
     pid = os.fork()
     if pid == 0:  # the worker
@@ -46,6 +51,13 @@ def _spawn(
             sock = socket.socket(fileno=worker_sock_fd)
             os.setsid()  # a terminal's Ctrl-C or an agent restart must not reach containers
             worker.reset_signals()
+            if netns_fd is not None:
+                try:  # first: nothing the worker opens may belong to the host's network
+                    join_netns(netns_fd)
+                    os.close(netns_fd)
+                except OSError as exc:
+                    channel.send(sock, {"op": "error", "error": f"cannot join netns: {exc}"})
+                    os._exit(71)
             joined = None
             if join is not None:
                 cgroups, hook, sandbox_id = join
@@ -59,6 +71,8 @@ def _spawn(
         finally:
             os._exit(70)
     os.close(worker_sock_fd)
+    if netns_fd is not None:
+        os.close(netns_fd)
     return pid
 
 
@@ -78,15 +92,17 @@ def main(control_fd: int, cgroup_root: str | None = None) -> None:
         if message is None:
             return
         op = message.get("op")
-        if op == "spawn" and len(fds) == 1:
+        if op == "spawn" and len(fds) == (2 if message.get("netns") else 1):
             join = None
             if message.get("join"):
                 if cgroups is None or hook is None:
-                    os.close(fds[0])
+                    for fd in fds:
+                        os.close(fd)
                     channel.send(control, {"error": "the zygote was started without cgroups"})
                     continue
                 join = (cgroups, hook, str(message["sandbox"]))
-            channel.send(control, {"pid": _spawn(control, fds[0], table, join)})
+            netns_fd = fds[1] if len(fds) == 2 else None
+            channel.send(control, {"pid": _spawn(control, fds[0], table, join, netns_fd)})
         elif op == "preload":
             try:
                 table.preload(message["digest"], message["artifact"])

@@ -79,6 +79,8 @@ def _create_body(args: argparse.Namespace) -> dict[str, Any]:
     if args.volume or args.namespace != "default":
         body["namespace"] = args.namespace
         body["volumes"] = [_check_volume(v) for v in args.volume]
+    if args.label:
+        body["labels"] = _parse_labels(args.label)
     if args.name:
         body["name"] = args.name
     if args.memory is not None:
@@ -257,3 +259,13 @@ async def _rm(socket_path: Path, args: argparse.Namespace) -> int:
     async with AgentClient(socket_path) as client:
         await client.remove(args.name)
     return 0
+
+
+def _parse_labels(items: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise errors.UsageError(f"invalid --label {item!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels

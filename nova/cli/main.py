@@ -145,7 +145,12 @@ def build_parser() -> NovaArgumentParser:
     )  # fmt: skip
     run.add_argument(
         "--namespace", default="default", metavar="NS",
-        help="the Nova namespace (tenant) to run in (default: default)",
+        help="the Nova namespace (tenant) to run in: with the agent as root, the container "
+        "gets its own netns on that namespace's network segment (default: default)",
+    )  # fmt: skip
+    run.add_argument(
+        "-l", "--label", action="append", default=[], metavar="KEY=VALUE",
+        help="label the container (network policies select containers by label) (repeatable)",
     )  # fmt: skip
     run.add_argument("--memory", metavar="SIZE", help="cap the module's linear memory, e.g. 64Mi")
     run.add_argument(

@@ -29,7 +29,7 @@ from nova.images import ImageRef, push
 from nova.store.consul import ConsulStore
 from tests.cluster.conftest import ConsulAgent
 from tests.conftest import process_alive
-from tests.unit.test_agent import NOVA_AGENT, api, listing, wait_for
+from tests.unit.test_agent import NOVA_AGENT, POLICY_OFF, api, listing, wait_for
 from tests.unit.test_cli import nova
 
 pytestmark = [
@@ -124,7 +124,7 @@ class ClusterAgent:
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
                 [*NOVA_AGENT, "--consul", consul.url, "--node", node, "--pool-size", "1",
-                 "--labels", "zone=test", "--advertise", "127.0.0.1"],
+                 "--labels", "zone=test", "--advertise", "127.0.0.1", *POLICY_OFF],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         wait_for("the agent's socket", self._ready, timeout=30)

@@ -19,13 +19,18 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import IO
 
+import pytest
+
+from agent.netpol.backend import ebpf_unavailable_reason
 from agent.netpol.tables import IPPROTO_TCP, IPPROTO_UDP, Endpoint
 
 SUBNET = IPv4Network("10.77.0.0/24")
@@ -266,3 +271,33 @@ def differences(
 
 def keys(pods: Iterable[Pod]) -> list[str]:
     return [p.key for p in pods]
+
+
+@contextmanager
+def built_lab() -> Iterator[Lab]:
+    """A built lab, torn down (and checked for leftovers) afterwards."""
+    lab = Lab()
+    try:
+        lab.build()
+        yield lab
+    finally:
+        lab.close()
+        assert lab.leftovers() == []
+
+
+def backend_params() -> list[object]:
+    """Both kernel backends as pytest params, each skipped where this host cannot run it."""
+    reason = ebpf_unavailable_reason()
+    ebpf = pytest.param("ebpf", marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+    nft = pytest.param(
+        "nftables", marks=pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft")
+    )
+    return [ebpf, nft]
+
+
+def nft_ruleset(lab: Lab) -> str:
+    """`nft -j list ruleset` in the lab's host netns."""
+    return subprocess.run(
+        ["ip", "netns", "exec", lab.host_netns, "nft", "-j", "list", "ruleset"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip

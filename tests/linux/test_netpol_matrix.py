@@ -26,13 +26,21 @@ import pytest_asyncio
 from agent.netpol.backend import (
     COUNTER_SPOOFED,
     PolicyBackend,
-    ebpf_unavailable_reason,
     select_backend,
 )
 from agent.netpol.compiler import IdentityAllocator, compile_policy
 from agent.netpol.model import parse_policies
 from agent.netpol.tables import IPPROTO_TCP, IPPROTO_UDP, CompiledPolicy
-from tests.linux.netpol_lab import NAMESPACE_LABELS, Lab, Pod, differences, expected_matrix
+from tests.linux.netpol_lab import (
+    NAMESPACE_LABELS,
+    Lab,
+    Pod,
+    backend_params,
+    built_lab,
+    differences,
+    expected_matrix,
+    nft_ruleset,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -48,22 +56,8 @@ Rule = Callable[[Pod, Pod], bool]
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab()
-    try:
-        lab.build()
+    with built_lab() as lab:
         yield lab
-    finally:
-        lab.close()
-        assert lab.leftovers() == []
-
-
-def _backend_params() -> list[object]:
-    reason = ebpf_unavailable_reason()
-    ebpf = pytest.param("ebpf", marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
-    nft = pytest.param(
-        "nftables", marks=pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft")
-    )
-    return [ebpf, nft]
 
 
 class Enforcer:
@@ -96,7 +90,7 @@ class Enforcer:
         assert not problems, "\n".join(problems)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=_backend_params())
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=backend_params())
 async def enforcer(lab: Lab, request: pytest.FixtureRequest) -> AsyncIterator[Enforcer]:
     backend = select_backend(
         request.param,
@@ -368,6 +362,32 @@ async def test_policy_change_keeps_programs_and_tables(policy: Enforcer) -> None
     assert tc_program_ids(policy.lab) == ids
     assert len(ids) == 2 * len(policy.lab.pods)
     policy.check(lambda s, d: d.namespace != "y")
+
+
+async def test_a_removed_container_leaves_nothing_behind(policy: Enforcer) -> None:
+    """Container removal: its filters (eBPF), map entries and set elements go; the
+    remaining containers stay enforced."""
+    lab = policy.lab
+    gone = lab.pods["x/a"]
+    policies = parse_policies(doc("x", "deny", {"podSelector": {}}), "deny.yaml")
+    for endpoints in (lab.endpoints(), [e for e in lab.endpoints() if e.key != gone.key]):
+        policy.generation += 1
+        compiled = compile_policy(
+            policies, endpoints, NAMESPACE_LABELS, policy.allocator, policy.generation
+        )
+        await policy.backend.apply(compiled)
+    assert gone.key not in compiled.endpoints
+    policy.check(lambda s, d: d.namespace != "x" or d.key == gone.key)
+    if policy.backend.name == "ebpf":
+        assert not any(link == gone.host_ifname for link, _ in tc_program_ids(lab))
+        bpf = policy.backend._bpf  # type: ignore[attr-defined]
+        addresses = {int(k.value) for k in bpf[b"nova_ipcache_v1"].keys()}  # noqa: SIM118
+        assert len(addresses) == len(lab.pods) - 1
+        assert len(bpf[b"nova_endpoints_v1"]) == len(lab.pods) - 1
+    else:
+        ruleset = nft_ruleset(lab)
+        assert str(gone.address) not in ruleset and gone.host_ifname not in ruleset
+        assert str(lab.pods["x/b"].address) in ruleset
 
 
 def tc_program_ids(lab: Lab) -> dict[tuple[str, str], int]:

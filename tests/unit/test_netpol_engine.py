@@ -7,6 +7,7 @@ Latencies are asserted loosely (< 1 s): the 100 ms goal is measured in bench.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -18,10 +19,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from agent.netpol.backend import PolicyBackendError
 from agent.netpol.engine import PolicyEngine, PolicyMetrics
 from agent.netpol.sources import DirectorySource, StoreSource, parse_store_value
 from agent.netpol.tables import IPPROTO_TCP, CompiledPolicy, Endpoint
+from agent.netpol.wiring import add_arguments, make_engine
 from agent.netpol.yamltree import PolicyError
+from nova.errors import NovaError
 from nova.store import SqliteStore, keys
 from tests.unit.netpol_helpers import (
     ALLOW_B_TO_A,
@@ -123,6 +127,28 @@ async def test_files_present_at_start_are_in_the_first_apply(policy_dir: Path) -
     finally:
         await engine.close(remove=True)
     assert backend.closed_with is True
+
+
+async def test_first_apply_waits_for_the_agents_endpoints(policy_dir: Path) -> None:
+    """An agent starts the engine before recovering its containers: an apply before they
+    are reported would drop their enforcement (the kernel keeps the last agent's meanwhile)."""
+    os.mkdir(policy_dir)
+    (policy_dir / "deny.yaml").write_text(DENY_A)
+    backend = RecordingBackend()
+    engine = PolicyEngine(backend, sources=[DirectorySource(policy_dir)], endpoints_pending=True)
+    await engine.start()
+    try:
+        engine.add_endpoint(A)  # recovery reports containers one by one
+        await asyncio.sleep(0.05)
+        assert backend.applied == []
+        assert engine.status()["pending"] and not engine.status()["endpoints_synced"]
+        engine.add_endpoint(B)
+        engine.endpoints_synced()
+        await engine.wait_applied()
+        (_, first), *_ = backend.applied
+        assert set(first.endpoints) == {"ep-a", "ep-b"} and isolated("ep-a")(first)
+    finally:
+        await engine.close()
 
 
 async def test_create_modify_atomic_replace_delete(
@@ -444,3 +470,71 @@ def test_store_value_namespace_defaults_to_the_key() -> None:
     )
     (policy,) = parse_store_value(keys.policy("team-a", "p"), value)
     assert policy.key == "team-a/p"
+
+
+def test_agent_flags_make_the_engine(policy_dir: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    registry = CollectorRegistry()
+    assert (
+        make_engine(parser.parse_args(["--policy-backend", "none"]), store=None, registry=registry)
+        is None
+    )
+    assert metric(registry, "nova_policy_errors_total", stage="parse") == 0
+    args = parser.parse_args([])
+    assert (args.policy_dir, args.policy_backend) == (Path("/etc/nova/policies"), "auto")
+    assert args.policy_log_drops == 0
+    assert parser.parse_args(["--policy-log-drops", "20"]).policy_log_drops == 20
+    for bad in (["--policy-backend", "iptables"], ["--policy-log-drops", "-1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_auto_without_a_backend_is_off_unless_policies_wait(
+    policy_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not root, no nft, no bcc: `auto` runs without policy, except when policy files
+    are there to enforce (running then would fail open)."""
+
+    def unavailable(*_args: object, **_kwargs: object) -> None:
+        raise PolicyBackendError("nftables", "select", "this host", "needs root")
+
+    monkeypatch.setattr("agent.netpol.wiring.select_backend", unavailable)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--policy-dir", str(policy_dir)])
+    assert make_engine(args, store=None, registry=CollectorRegistry()) is None
+    policy_dir.mkdir()
+    (policy_dir / "deny.yaml").write_text(DENY_A)
+    with pytest.raises(PolicyBackendError, match=r"holds policies \(deny.yaml\)"):
+        make_engine(args, store=None, registry=CollectorRegistry())
+    with pytest.raises(PolicyBackendError, match="needs root"):
+        make_engine(
+            parser.parse_args(["--policy-backend", "nftables"]),
+            store=None,
+            registry=CollectorRegistry(),
+        )
+
+
+async def test_a_selected_container_starts_only_once_enforced(policy_dir: Path) -> None:
+    """The agent awaits endpoint_starting() between making a container's sandbox and
+    running its workload: a selected container's first packet meets its policy."""
+    os.mkdir(policy_dir)
+    (policy_dir / "deny.yaml").write_text(DENY_A)
+    backend = RecordingBackend()
+    engine = PolicyEngine(backend, sources=[DirectorySource(policy_dir)], debounce_s=0.05)
+    engine.set_endpoints([C])
+    await engine.start()
+    try:
+        await engine.wait_applied()
+        before = len(backend.applied)
+        await engine.endpoint_starting(B, name="b")  # not selected: no wait for an apply
+        assert len(backend.applied) == before
+        await engine.endpoint_starting(A, name="a")  # selected: returns once enforced
+        assert isolated("ep-a")(backend.current) and "ep-b" in backend.current.endpoints
+        backend.fail_next = 1000  # a kernel refusing every change: the start fails, closed
+        selected_too = Endpoint("ep-a2", IPv4Address("10.0.1.9"), "x", {"pod": "a"}, "npc-xa2")
+        with pytest.raises(NovaError, match=r"a2 was not enforced within 0\.3s"):
+            await engine.endpoint_starting(selected_too, name="a2", timeout=0.3)
+    finally:
+        await engine.close()

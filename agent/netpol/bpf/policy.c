@@ -15,6 +15,8 @@
 //   6. else the same with the identity of the most specific rule CIDR holding the peer
 //      address (nova_cidrs_v1); else dropped.
 // Every verdict is counted in nova_counters_v1 at the index the matching entry names.
+// Drops are also reported on the nova_drops_v1 ring buffer, at most nova_droplog_v1's
+// rate per second over all CPUs (0: off, the default); ebpf.py logs them.
 
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -80,6 +82,28 @@ struct counter {
     u64 denied;
 };
 
+// Drop logging: a fixed one-second window shared by every CPU (approximate on purpose:
+// a race lets a few more through, never fewer, and costs no lock).
+struct droplog {
+    u64 window_ns; // start of the current window
+    u32 rate;      // events per second; 0: drop logging off
+    u32 sent;      // events in the current window
+};
+
+struct drop_event {
+    u32 endpoint; // ifindex of the host veth
+    u32 saddr;    // network byte order
+    u32 daddr;
+    u16 sport;    // network byte order
+    u16 dport;
+    u32 counter;  // slot the drop was charged to
+    u8 protocol;
+    u8 direction;
+    u8 pad[2];
+};
+
+BPF_ARRAY(nova_droplog_v1, struct droplog, 1);
+BPF_RINGBUF_OUTPUT(nova_drops_v1, 16); // pages
 BPF_HASH(nova_ipcache_v1, u32, u32, 262144); // endpoint address (network order) -> identity
 BPF_LPM_TRIE(nova_cidrs_v1, struct cidr_key, u32, 262144);
 BPF_LPM_TRIE(nova_policy_v1, struct policy_key, struct policy_value, 1048576);
@@ -95,6 +119,31 @@ static __always_inline void count(u32 slot, int allowed) {
         else
             c->denied++;
     }
+}
+
+static __always_inline void log_drop(u32 endpoint, struct ct_key *flow, u32 slot) {
+    u32 zero = 0;
+    struct droplog *cfg = nova_droplog_v1.lookup(&zero);
+    if (!cfg || !cfg->rate)
+        return;
+    u64 now = bpf_ktime_get_ns();
+    if (now - cfg->window_ns >= 1000000000ULL) {
+        cfg->window_ns = now;
+        cfg->sent = 0;
+    }
+    if (cfg->sent >= cfg->rate)
+        return;
+    __sync_fetch_and_add(&cfg->sent, 1);
+    struct drop_event ev = {};
+    ev.endpoint = endpoint;
+    ev.saddr = flow->saddr;
+    ev.daddr = flow->daddr;
+    ev.sport = flow->sport;
+    ev.dport = flow->dport;
+    ev.counter = slot;
+    ev.protocol = flow->protocol;
+    ev.direction = flow->direction;
+    nova_drops_v1.ringbuf_output(&ev, sizeof(ev), 0);
 }
 
 static __always_inline struct policy_value *lookup_policy(u32 endpoint, u32 identity,
@@ -136,17 +185,17 @@ static __always_inline int verdict(struct __sk_buff *skb, int direction) {
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > data_end)
         return TC_ACT_SHOT;
-    if (direction == DIR_EGRESS && ip->saddr != cfg->addr) {
-        count(COUNTER_SPOOFED, 0);
-        return TC_ACT_SHOT;
-    }
-
     struct ct_key flow = {};
     flow.endpoint = endpoint;
     flow.direction = direction;
     flow.saddr = ip->saddr;
     flow.daddr = ip->daddr;
     flow.protocol = ip->protocol;
+    if (direction == DIR_EGRESS && ip->saddr != cfg->addr) {
+        count(COUNTER_SPOOFED, 0);
+        log_drop(endpoint, &flow, COUNTER_SPOOFED);
+        return TC_ACT_SHOT;
+    }
     u16 port = 0;
     // Ports of TCP, UDP and SCTP sit at the same offsets; later fragments carry none.
     if ((ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP ||
@@ -198,6 +247,7 @@ static __always_inline int verdict(struct __sk_buff *skb, int direction) {
         return TC_ACT_OK;
     }
     count(cfg->deny_counter[direction], 0);
+    log_drop(endpoint, &flow, cfg->deny_counter[direction]);
     return TC_ACT_SHOT;
 }
 
