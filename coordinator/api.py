@@ -3,6 +3,7 @@
     GET  /v1/status        leader (id, API, epoch = LockIndex), this coordinator's
                            role, nodes (health, capacity, assigned replicas),
                            deployments, and the leader's last placement pass
+    GET  /v1/placement     the leader's last placement pass alone (cheap to poll)
     GET  /v1/deployments   every deployment spec
     POST /v1/deployments   create or update one (body: a deployment without
                            "generation"; without "digest", "image" NAME:TAG is
@@ -68,16 +69,17 @@ def _count_containers(entry: KVEntry) -> int:
 
 
 async def status(request: web.Request) -> web.Response:
-    store, election = request.app[STORE], request.app[ELECTION]
-    leader_entry, node_entries, assignment_entries, spec_entries = await asyncio.gather(
-        store.get(keys.LEADER if election.key == keys.LEADER else election.key),
-        store.list(keys.NODES),
-        store.list(keys.ASSIGNMENTS),
-        store.list(keys.DEPLOYMENTS),
+    store, election, placer = request.app[STORE], request.app[ELECTION], request.app[PLACER]
+    leader_entry, node_entries, spec_keys = await asyncio.gather(
+        store.get(election.key), store.list(keys.NODES), store.list(keys.DEPLOYMENTS)
     )
-    assigned = {
-        keys.split(e.key, keys.ASSIGNMENTS)[0]: _count_containers(e) for e in assignment_entries
-    }
+    if election.acting and placer.last is not None:
+        assigned = placer.counts()  # the leader knows; at 1M replicas reading them is costly
+    else:
+        assigned = {
+            keys.split(e.key, keys.ASSIGNMENTS)[0]: _count_containers(e)
+            for e in await store.list(keys.ASSIGNMENTS)
+        }
     nodes = []
     for entry in node_entries:
         name = keys.split(entry.key, keys.NODES)[0]
@@ -102,16 +104,23 @@ async def status(request: web.Request) -> web.Response:
         if leader_entry.session is not None:
             with_value = leader_entry.json() if leader_entry.value else {}
             leader |= {"id": with_value.get("id"), "api": with_value.get("api")}
-    placer = request.app[PLACER]
     body = {
         "leader": leader,
         "coordinator": election.describe(),
         "nodes": nodes,
-        "deployments": len(spec_entries),
+        "deployments": len(spec_keys),
         "replicas_assigned": sum(assigned.values()),
         "last_pass": placer.last.to_json() if placer.last and election.acting else None,
     }
     return web.json_response(body)
+
+
+async def placement(request: web.Request) -> web.Response:
+    election, placer = request.app[ELECTION], request.app[PLACER]
+    last = placer.last.to_json() if placer.last and election.acting else None
+    return web.json_response(
+        {"coordinator": election.id, "acting": election.acting, "last_pass": last}
+    )
 
 
 async def list_deployments(request: web.Request) -> web.Response:
@@ -134,6 +143,10 @@ async def put_deployment(request: web.Request) -> web.Response:
         return _error(400, "the request body must be a JSON object")
     body.pop("generation", None)
     store = request.app[STORE]
+    try:  # names first: a bad name is the error to report, whatever the image
+        keys.deployment(str(body.get("namespace", "")), str(body.get("name", "")))
+    except ValueError as exc:
+        raise RecordError(f"deployment: {exc}") from None
     if not body.get("digest"):
         image = body.get("image")
         if not isinstance(image, str) or not image:
@@ -176,6 +189,7 @@ def make_app(store: Store, election: LeaderElection, placer: Placer) -> web.Appl
     app[ELECTION] = election
     app[PLACER] = placer
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/placement", placement)
     app.router.add_get("/v1/deployments", list_deployments)
     app.router.add_post("/v1/deployments", put_deployment)
     app.router.add_delete("/v1/deployments/{namespace}/{name}", delete_deployment)

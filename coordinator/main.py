@@ -19,7 +19,7 @@ from coordinator.lease import LeaseTiming, TimingError
 from coordinator.placement import Strategy
 from coordinator.placer import Placer, cancel
 from nova import errors
-from nova.store import StoreError, keys
+from nova.store import StoreError, StoreUnavailable, keys
 from nova.store.consul import ConsulStore
 from nova.units import parse_duration
 
@@ -130,13 +130,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+async def check_session_ttl(store: ConsulStore, ttl: float) -> None:
+    """Fail at start, naming the setting, if the Consul servers refuse our session TTL."""
+    try:
+        session = await store.create_session(ttl=ttl, name="nova-coordinator TTL probe")
+    except StoreUnavailable:
+        raise
+    except StoreError as exc:
+        if "ttl" not in exc.reason.lower():
+            raise
+        raise StoreError(
+            "create a session",
+            store.url,
+            f"the Consul servers refuse a {ttl:g} s session TTL ({exc.reason}); set "
+            f'session_ttl_min = "{ttl:g}s" (or lower) on every Consul server, or raise '
+            "--session-ttl (docs/operations.md)",
+        ) from None
+    await store.destroy_session(session)
+
+
 async def serve(args: argparse.Namespace, timing: LeaseTiming) -> None:
     host, port = args.listen
     advertise = args.advertise or f"http://{host}:{port}"
     # Heartbeats get a client of their own, with a timeout short enough to matter.
     election_store = ConsulStore(args.consul, timeout=timing.request_timeout)
     store = ConsulStore(args.consul, timeout=30.0)
-    await store.open()
+    try:
+        await store.open()
+        await check_session_ttl(store, timing.session_ttl)
+    except BaseException:
+        await store.close()
+        await election_store.close()
+        raise
     election = LeaderElection(election_store, args.id, api=advertise, address=host, timing=timing)
     placer = Placer(store, election, strategy=args.strategy, overcommit=args.overcommit)
     runner = web.AppRunner(make_app(store, election, placer), access_log=None)

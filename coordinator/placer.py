@@ -11,7 +11,8 @@ Then, on every change under `nova/v1/nodes/` or `nova/v1/deployments/`
      a large pass must not stall the heartbeat that keeps the lease);
   3. encode each node's assignment and write only those whose containers
      changed, in fenced txns of at most `batch_ops` operations, `concurrency`
-     at a time. A node that failed gets an empty assignment, so when it
+     at a time (a failed write marks its nodes unknown: the next pass rewrites
+     them). A node that failed gets an empty assignment, so when it
      returns it stops what it ran: its replicas already run elsewhere.
 """
 
@@ -41,6 +42,7 @@ log = logging.getLogger("nova.coordinator.placer")
 
 MAX_TXN_PAYLOAD = 400 * 1024  # of Consul's 512 KiB txn_max_req_len, with room for JSON framing
 EMPTY_BODY = b'{"containers":{}'
+UNKNOWN_BODY = b""  # never equal to an encoded body
 WATCH_WAIT = 30.0
 
 
@@ -87,7 +89,7 @@ class Placer:
         strategy: Strategy | str = Strategy.LEAST_LOADED,
         overcommit: float = 1.0,
         batch_ops: int = 63,
-        concurrency: int = 8,
+        concurrency: int = 2,
         debounce: float = 0.05,
     ) -> None:
         if not 1 <= batch_ops <= 127:
@@ -104,11 +106,17 @@ class Placer:
         self.bodies: dict[str, bytes] = {}  # node -> assignment body as stored
         self.placements: list[Placement] = []
         self.last: PassReport | None = None
+        self.epoch: int | None = None  # the term whose writes `bodies` reflects
         self._dirty = asyncio.Event()
 
     async def run(self, epoch: int) -> None:
         """Adopt, then place on every change, until cancelled (or no longer the leader)."""
-        await self.adopt()
+        if self.epoch is None or epoch not in (self.epoch, self.epoch + 1):
+            await self.adopt()
+        # else: the same term resumed (the lease lapsed, the key stayed ours) or
+        # we led the one just before (LockIndex grows by one per acquisition):
+        # nobody else wrote, so what we know is what is stored.
+        self.epoch = epoch
         watchers = [
             asyncio.create_task(self._watch(prefix), name=f"placer-watch {prefix}")
             for prefix in (keys.NODES, keys.DEPLOYMENTS)
@@ -127,7 +135,6 @@ class Placer:
                     log.warning("placement pass failed (retrying in %.1f s): %s", delay, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
-                    await self.adopt()
                     self._dirty.set()
         finally:
             for task in watchers:
@@ -171,7 +178,14 @@ class Placer:
             self._plan, epoch, node_entries, spec_entries, self.bodies, self.placements
         )
         started = time.monotonic()
-        written, txns = await self._write(plan.changed, epoch)
+        try:
+            written, txns = await self._write(plan.changed, epoch)
+        except BaseException:
+            # Some batches may have landed: what those nodes hold is unknown now,
+            # so the next pass rewrites them whatever it decides.
+            for node in plan.changed:
+                self.bodies[node] = UNKNOWN_BODY
+            raise
         plan.report.written, plan.report.txns = written, txns
         plan.report.write_s = round(time.monotonic() - started, 3)
         plan.report.finished_at = time.time()
@@ -250,25 +264,32 @@ class Placer:
         )
 
     async def _write(self, changed: Mapping[str, bytes | None], epoch: int) -> tuple[int, int]:
-        """Write `changed` in fenced batches; (keys written, txns sent)."""
-        batches = list(self._batches(changed, epoch))
-        semaphore = asyncio.Semaphore(self.concurrency)
+        """Write `changed` in fenced batches; (keys written, txns sent).
 
-        async def send(ops: list[TxnOp]) -> None:
-            async with semaphore:
+        `concurrency` senders share one lazy batch iterator: at most that many
+        txns are built and in flight, so memory stays flat and Consul keeps
+        headroom for the heartbeats that hold the lease.
+        """
+        batches = self._batches(changed, epoch)
+        sent = 0
+
+        async def sender() -> None:
+            nonlocal sent
+            for ops in batches:
+                sent += 1
                 result = await self.election.fenced(ops)
                 if not result.ok:
                     raise StoreError("assignments txn", "consul", str(result.errors[:3]))
 
-        tasks = [asyncio.create_task(send(ops)) for ops in batches]
+        tasks = [asyncio.create_task(sender()) for _ in range(self.concurrency)]
         try:
             await asyncio.gather(*tasks)
-        except (NotLeader, StoreError):
+        except BaseException:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        return len(changed), len(batches)
+        return len(changed), sent
 
     def _batches(self, changed: Mapping[str, bytes | None], epoch: int) -> Iterable[list[TxnOp]]:
         ops: list[TxnOp] = []
