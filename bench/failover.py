@@ -27,20 +27,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
 import re
 import signal
 import time
-import urllib.request
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import common
-from tests.cluster.lab import Host, Lab, LabError, LabProcess, coordinator_id
+from tests.cluster.lab import Host, Lab, LabProcess, coordinator_id
+from tests.cluster.lab_nova import Cluster, LabTimeout, log_time, wait_for
 
 T = TypeVar("T")
 TERM = "nova/v1/coordinator/term"
@@ -59,39 +56,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip `consul lock`")
 
 
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.02) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-        except (OSError, ValueError, KeyError, LabError):
-            value = None
-        if value:
-            return value
-        time.sleep(every)
-    raise common.BenchError(f"not within {timeout} s: {what}")
-
-
 class NovaContenders:
     """nova-coordinator on two hosts; the trials fault whichever leads."""
 
     def __init__(self, lab: Lab, hosts: list[Host]) -> None:
         self.lab = lab
         self.hosts = hosts
-        self.processes: dict[str, LabProcess] = {h.name: lab.start_coordinator(h) for h in hosts}
-
-    def term(self) -> dict[str, Any] | None:
-        value, _ = self.lab.kv(TERM).get(TERM, (None, None))
-        return value if isinstance(value, dict) else None
+        self.cluster = Cluster(lab, {}, {})  # coordinators only: no agents, no deployments
+        for host in hosts:
+            self.cluster.start_coordinator(host)
+        self.processes = self.cluster.coordinators
+        self.term = self.cluster.term
 
     def leader(self) -> tuple[Host, dict[str, Any]]:
         term = wait_for("a Nova leader", self.term, 30.0)
         return next(h for h in self.hosts if coordinator_id(h) == term["id"]), term
 
     def standing_by(self, host: Host) -> bool:
-        url = self.lab.coordinator_api(host) + "/v1/status"
-        with urllib.request.urlopen(url, timeout=2) as response:
-            me = json.loads(response.read())["coordinator"]
+        me = self.cluster.status_of(host)["coordinator"]
         return bool(me["session"]) and not me["acting"] and me["lease_remaining_s"] > 0.3
 
     def ready(self) -> tuple[Host, dict[str, Any]]:
@@ -124,24 +106,16 @@ class NovaContenders:
         else:
             stopped = wait_for(
                 "the old leader stopping",
-                lambda: stopped_acting(self.processes[leader.name], term["epoch"]),
+                lambda: log_time(
+                    self.processes[leader.name],
+                    re.escape(f"stopped acting as leader (epoch {term['epoch']})"),
+                ),
                 10.0,
             )
             sample["gap_s"] = round(new["at"] - stopped, 4)  # > 0: no two leaders acting
             self.lab.heal(leader)
             self.lab.wait_consul()
         return sample
-
-
-def stopped_acting(process: LabProcess, epoch: int) -> float | None:
-    found = None
-    pattern = f"stopped acting as leader (epoch {epoch})"
-    for line in process.log_path.read_text(errors="replace").splitlines():
-        match = LOG_TIME.match(line)
-        if match and pattern in line:
-            stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
-            found = stamp.timestamp()
-    return found
 
 
 class ConsulLock:
@@ -227,28 +201,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lab = Lab.create(5)
     results: dict[str, list[dict[str, Any]]] = {}
     try:
-        lab.up()
-        contenders = NovaContenders(lab, lab.hosts[3:5])
-        for fault in ("sigkill", "cut"):
-            name = f"nova {fault}"
-            results[name] = []
-            for i in range(args.trials):
-                sample = contenders.trial(fault, args.cut)
-                results[name].append(sample)
-                print(f"{name} {i + 1}/{args.trials}: {sample['s']:.3f} s", flush=True)
-        for process in contenders.processes.values():
-            process.stop()
-        if not args.no_peer:
-            lock = ConsulLock(lab, lab.hosts[3], lab.hosts[4])
-            for fault in ("sigkill", "cut"):
-                name = f"consul lock {fault}"
-                results[name] = []
-                for size in common.split_evenly(args.trials, -(-args.trials // args.lock_batch)):
-                    batch = lock.batch(fault, size, args.cut)
-                    results[name] += batch
-                    print(f"{name}: {[round(s['s'], 1) for s in batch]} s", flush=True)
+        measure(lab, args, results)
+    except LabTimeout as exc:
+        raise common.BenchError(str(exc)) from None
     finally:
         lab.down()
+    return report(args, results)
+
+
+def measure(lab: Lab, args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> None:
+    lab.up()
+    contenders = NovaContenders(lab, lab.hosts[3:5])
+    for fault in ("sigkill", "cut"):
+        name = f"nova {fault}"
+        results[name] = []
+        for i in range(args.trials):
+            sample = contenders.trial(fault, args.cut)
+            results[name].append(sample)
+            print(f"{name} {i + 1}/{args.trials}: {sample['s']:.3f} s", flush=True)
+    for process in contenders.processes.values():
+        process.stop()
+    if not args.no_peer:
+        lock = ConsulLock(lab, lab.hosts[3], lab.hosts[4])
+        for fault in ("sigkill", "cut"):
+            name = f"consul lock {fault}"
+            results[name] = []
+            for size in common.split_evenly(args.trials, -(-args.trials // args.lock_batch)):
+                batch = lock.batch(fault, size, args.cut)
+                results[name] += batch
+                print(f"{name}: {[round(s['s'], 1) for s in batch]} s", flush=True)
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     summaries = {name: summarize_s(samples) for name, samples in results.items()}
     rows = [
         [name, s.n, s.p50_us / 1e6, s.p99_us / 1e6, s.max_us / 1e6, s.min_us / 1e6]

@@ -199,6 +199,10 @@ class Lab:
     processes: list[LabProcess] = field(default_factory=list)
     cgroup_roots: list[str] = field(default_factory=list)
     cut_off: set[str] = field(default_factory=set)  # names of hosts cut off now
+    # Container networks (`with_container_network()`): the cluster CIDR, split per host,
+    # and the segment ids (VNIs) the agents may give Nova namespaces.
+    container_cidr: ipaddress.IPv4Network | None = None
+    segment_ids: range | None = None
 
     @property
     def bridge(self) -> str:
@@ -267,6 +271,7 @@ class Lab:
         for process in [*self.processes, *self.consul.values()]:
             with contextlib.suppress(OSError):
                 process.kill()
+        self._remove_container_network()  # while the host ends of their veths still exist
         for host in self.hosts:
             # Whatever still runs inside (workers, a `consul lock` child) is ours too.
             pids = _sh("ip", "netns", "pids", host.netns, check=False).split()
@@ -299,6 +304,10 @@ class Lab:
                 {"name": h.name, "netns": h.netns, "ip": h.ip, "veth": h.veth} for h in self.hosts
             ],
             "cgroup_roots": self.cgroup_roots,
+            "container_cidr": str(self.container_cidr) if self.container_cidr else None,
+            "segment_ids": [self.segment_ids.start, self.segment_ids.stop]
+            if self.segment_ids
+            else None,
         }
         (self.workdir / "lab.json").write_text(json.dumps(state, indent=2))
 
@@ -312,6 +321,9 @@ class Lab:
         lab = cls(state["token"], ipaddress.IPv4Network(state["subnet"]), hosts, workdir,
                   state["consul_binary"], persistent=True)  # fmt: skip
         lab.cgroup_roots = list(state["cgroup_roots"])
+        if state.get("container_cidr"):
+            lab.container_cidr = ipaddress.IPv4Network(state["container_cidr"])
+            lab.segment_ids = range(*state["segment_ids"])
         return lab
 
     # -- processes -----------------------------------------------------------------------
@@ -357,14 +369,55 @@ class Lab:
             self.cgroup_roots.append(cgroup_root)
             self.save()
         base = host.workdir / "agent"
+        (base / "policies").mkdir(parents=True, exist_ok=True)  # not this machine's /etc/nova
         argv = [
             sys.executable, "-m", "agent.main", "--consul", host.local_consul,
             "--node", host.name, "--advertise", host.ip,
             "--socket", str(base / "agent.sock"), "--state-dir", str(base / "state"),
             "--cache-dir", str(base / "cache"), "--cgroup-root", cgroup_root,
-            "--pool-size", str(pool_size), *args,
+            "--pool-size", str(pool_size), "--policy-dir", str(base / "policies"),
+            *self._network_args(host), *args,
         ]  # fmt: skip
         return self.spawn(host, "agent", argv)
+
+    def with_container_network(self) -> None:
+        """Agents started from now on give every container its own netns on its Nova
+        namespace's segment (VXLAN between hosts): a free /24 split into one node CIDR
+        per host, and a segment-id range of the lab's own. `down()` removes what they made.
+        """
+        from tests.conftest import unique_test_network
+
+        net = unique_test_network()
+        while net.cidr.overlaps(self.subnet):
+            net = unique_test_network()
+        self.container_cidr, self.segment_ids = net.cidr, net.segments
+        self.save()
+
+    def node_cidr(self, host: Host) -> ipaddress.IPv4Network:
+        assert self.container_cidr is not None
+        bits = max(1, (len(self.hosts) - 1).bit_length())
+        return list(self.container_cidr.subnets(prefixlen_diff=bits))[host.index]
+
+    def _network_args(self, host: Host) -> list[str]:
+        if self.container_cidr is None or self.segment_ids is None:
+            return []
+        return [
+            "--node-cidr", str(self.node_cidr(host)), "--cluster-cidr", str(self.container_cidr),
+            "--segment-ids", f"{self.segment_ids.start}-{self.segment_ids.stop - 1}",
+        ]  # fmt: skip
+
+    def _remove_container_network(self) -> None:
+        """Container netns (named, so machine-wide) of the lab's agents, and what is in them."""
+        if self.container_cidr is None or self.segment_ids is None:
+            return
+        from tests.conftest import NetworkUnderTest, network_leftovers, remove_test_network
+
+        net = NetworkUnderTest(self.container_cidr, self.segment_ids)
+        for netns in network_leftovers(net)["netns"]:
+            for pid in _sh("ip", "netns", "pids", netns, check=False).split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        remove_test_network(net)
 
     def agent_socket(self, host: Host) -> Path:
         return host.workdir / "agent" / "agent.sock"
