@@ -12,7 +12,6 @@ path: container -> its host's bridge -> VXLAN -> the other host's bridge
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from functools import partial
 from ipaddress import IPv4Address
@@ -22,6 +21,7 @@ import pytest
 
 from tests.cluster.lab import Lab
 from tests.cluster.lab_nova import Cluster, agent_get, wait_for
+from tests.linux.test_container_network import ping_from
 
 pytestmark = [pytest.mark.consul, pytest.mark.root]
 
@@ -44,15 +44,6 @@ def containers(cluster: Cluster) -> dict[str, dict[str, Any]]:
             if record.get("network"):
                 found[record["name"]] = {**record["network"], "node": host.name}
     return found
-
-
-def ping(netns: str, ip: str) -> bool:
-    done = subprocess.run(
-        ["ip", "netns", "exec", netns, "ping", "-c", "1", "-W", "1", ip],
-        capture_output=True,
-        check=False,
-    )
-    return done.returncode == 0
 
 
 def running_containers(cluster: Cluster) -> dict[str, dict[str, Any]]:
@@ -78,7 +69,7 @@ def test_same_namespace_reaches_across_hosts_over_vxlan(cluster: Cluster) -> Non
     for a, b in pairs:
         assert a["segment_id"] == b["segment_id"]
         # A first ping may wait for ARP over the flood list: retry briefly.
-        wait_for(f"{a['node']} -> {b['node']}", partial(ping, a["netns"], b["ip"]), 10.0)
+        wait_for(f"{a['node']} -> {b['node']}", partial(ping_from, a["netns"], b["ip"]), 10.0)
 
 
 @pytest.mark.xfail(
@@ -92,4 +83,4 @@ def test_other_namespace_is_another_segment(cluster: Cluster) -> None:
     other = running["other.b.0"]
     assert other["segment_id"] != ours[0]["segment_id"]
     for target in ours:
-        assert not ping(other["netns"], target["ip"]), f"other.b.0 reached {target['node']}"
+        assert not ping_from(other["netns"], target["ip"]), f"other.b.0 reached {target['node']}"
