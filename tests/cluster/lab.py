@@ -491,10 +491,21 @@ class Lab:
         if not self.consul_get(host, "/v1/status/leader"):
             return False
         if host in self.servers:
-            raft = self.consul_get(host, "/v1/operator/raft/configuration") or {}
-            voters = {s["Node"] for s in raft.get("Servers", []) if s.get("Voter")}
-            if voters != {s.name for s in self.servers}:
-                return False  # a rejoined server not yet a voter: losing another breaks quorum
+            # Every server a healthy voter by autopilot's measure (in contact, log caught
+            # up, stable for server_stabilization_time), in this server's own copy of the
+            # raft configuration too (?stale): a server back from a cut that is not yet
+            # a voter cannot vote, and losing another server then leaves no quorum.
+            raft = self.consul_get(host, "/v1/operator/raft/configuration?stale") or {}
+            voters = {s["Node"] for s in raft.get("Servers") or [] if s.get("Voter")}
+            health = self.consul_get(host, "/v1/operator/autopilot/health") or {}
+            healthy = {
+                s["Name"]
+                for s in health.get("Servers") or []
+                if s.get("Voter") and s.get("Healthy")
+            }
+            names = {s.name for s in self.servers}
+            if voters != names or healthy != names or not health.get("Healthy"):
+                return False
         checks = self.consul_get(host, "/v1/health/state/any") or []
         passing = {
             c["Node"] for c in checks if c["CheckID"] == "serfHealth" and c["Status"] == "passing"
@@ -521,6 +532,23 @@ class Lab:
                 ip = address.rsplit(":", 1)[0]
                 return next((h for h in self.hosts if h.ip == ip), None)
         return None
+
+    def move_raft_leader(self, to: Host, timeout: float = 15.0) -> None:
+        """Make the Consul server on `to` the raft leader (Consul's transfer-leader)."""
+        via = self.reachable()[0]
+        raft = self.consul_get(via, "/v1/operator/raft/configuration") or {}
+        server_id = next(s["ID"] for s in raft.get("Servers", []) if s["Node"] == to.name)
+        deadline = time.monotonic() + timeout
+        while self.consul_leader() is not to:
+            if time.monotonic() > deadline:
+                raise LabError(f"raft leadership did not move to {to.name} in {timeout} s")
+            request = urllib.request.Request(
+                f"{via.consul_url}/v1/operator/raft/transfer-leader?id={server_id}", method="POST"
+            )
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(request, timeout=5).close()
+            time.sleep(0.5)
+        self.wait_consul()
 
     # -- faults ----------------------------------------------------------------------------
 
