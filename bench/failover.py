@@ -53,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lock-batch", type=int, default=10, help="`consul lock` trials run at once (default 10)"
     )
     parser.add_argument("--cut", choices=["nft", "link"], default="nft", help="how to cut a host")
+    parser.add_argument(
+        "--colocated-trials",
+        type=int,
+        default=10,
+        help="trials of cutting off a host that runs the Nova leader and the Consul raft "
+        "leader (contenders on h1, h2; default 10, 0 skips)",
+    )
     parser.add_argument("--no-peer", action="store_true", help="skip `consul lock`")
 
 
@@ -69,8 +76,14 @@ class NovaContenders:
         self.term = self.cluster.term
 
     def leader(self) -> tuple[Host, dict[str, Any]]:
-        term = wait_for("a Nova leader", self.term, 30.0)
-        return next(h for h in self.hosts if coordinator_id(h) == term["id"]), term
+        ids = {coordinator_id(h): h for h in self.hosts}
+
+        def ours() -> dict[str, Any] | None:
+            term = self.term()
+            return term if term and term["id"] in ids else None
+
+        term = wait_for("one of ours leading", ours, 30.0)
+        return ids[term["id"]], term
 
     def standing_by(self, host: Host) -> bool:
         me = self.cluster.status_of(host)["coordinator"]
@@ -89,6 +102,9 @@ class NovaContenders:
 
     def trial(self, fault: str, cut_how: str) -> dict[str, Any]:
         leader, term = self.ready()
+        if fault == "cut-raft-leader":  # the raft leader goes down with the Nova leader
+            self.lab.move_raft_leader(leader)
+            leader, term = self.ready()
         fault_at = time.time()
         if fault == "sigkill":
             self.processes[leader.name].kill()
@@ -102,7 +118,7 @@ class NovaContenders:
         took = new["at"] - fault_at
         sample: dict[str, Any] = {"s": round(took, 4), "from": leader.name, "epoch": new["epoch"]}
         if fault == "sigkill":
-            self.processes[leader.name] = self.lab.start_coordinator(leader)
+            self.cluster.start_coordinator(leader)
         else:
             stopped = wait_for(
                 "the old leader stopping",
@@ -221,6 +237,18 @@ def measure(lab: Lab, args: argparse.Namespace, results: dict[str, list[dict[str
             print(f"{name} {i + 1}/{args.trials}: {sample['s']:.3f} s", flush=True)
     for process in contenders.processes.values():
         process.stop()
+    if args.colocated_trials > 0:
+        # Coordinators on two Consul server hosts; before each cut the raft leader is
+        # moved to the Nova leader's host: raft elects, then sessions' TTLs restart.
+        colocated = NovaContenders(lab, lab.hosts[1:3])
+        name = "nova cut-raft-leader"
+        results[name] = []
+        for i in range(args.colocated_trials):
+            sample = colocated.trial("cut-raft-leader", args.cut)
+            results[name].append(sample)
+            print(f"{name} {i + 1}/{args.colocated_trials}: {sample['s']:.3f} s", flush=True)
+        for process in colocated.processes.values():
+            process.stop()
     if not args.no_peer:
         lock = ConsulLock(lab, lab.hosts[3], lab.hosts[4])
         for fault in ("sigkill", "cut"):
@@ -239,7 +267,12 @@ def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]]) -
         for name, s in summaries.items()
     ]
     print(common.format_table(("variant", "n", "p50 s", "p99 s", "max s", "min s"), rows))
-    gaps = [s["gap_s"] for s in results.get("nova cut", []) if "gap_s" in s]
+    gaps = [
+        s["gap_s"]
+        for name in ("nova cut", "nova cut-raft-leader")
+        for s in results.get(name, [])
+        if "gap_s" in s
+    ]
     goals = {
         f"nova {fault}": {
             "p50_le_2_5_s": summaries[f"nova {fault}"].p50_us / 1e6 <= GOAL_P50_S,
