@@ -39,8 +39,9 @@ doctor: setup  ## what this host can do: cgroups, BPF, tc, VXLAN, 8021q, nftable
 	@$(PY) -m nova.cli.main doctor
 
 LAB_HOSTS ?= 3
-lab: setup  ## a multi-host lab here: LAB_HOSTS netns hosts, Consul servers and Nova agents (root)
-	$(PY) -m tests.cluster.lab up --hosts $(LAB_HOSTS) --nova
+LAB_FLAGS ?= --nova --network
+lab: setup  ## a multi-host lab here: LAB_HOSTS netns hosts, Consul, agents, coordinators (root)
+	$(PY) -m tests.cluster.lab up --hosts $(LAB_HOSTS) $(LAB_FLAGS)
 
 lab-down:  ## remove every lab `make lab` built
 	$(PY) -m tests.cluster.lab down

@@ -657,6 +657,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also start nova-agent on every host and nova-coordinator on the Consul servers",
     )
+    up.add_argument(
+        "--network",
+        action="store_true",
+        help="with --nova: a netns per container, one segment per Nova namespace across hosts",
+    )
     sub.add_parser("status", help="describe the running labs")
     down = sub.add_parser("down", help="remove labs built by `up`")
     down.add_argument("token", nargs="?", help="only this lab (default: every lab in LAB_DIR)")
@@ -666,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             lab.up()
             if args.nova:
+                if args.network:
+                    lab.with_container_network()
                 for host in lab.hosts:
                     lab.start_agent(host)
                 for host in lab.servers:
