@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup run test test-unit test-linux test-cluster bench lint doctor examples consul clean help
+.PHONY: setup run test test-unit test-linux test-cluster bench lint doctor examples consul clean help lab lab-down
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -37,6 +37,14 @@ lint: setup  ## ruff and mypy, both must be clean
 
 doctor: setup  ## what this host can do: cgroups, BPF, tc, VXLAN, 8021q, nftables, bcc, Consul
 	@$(PY) -m nova.cli.main doctor
+
+LAB_HOSTS ?= 3
+LAB_FLAGS ?= --nova --network
+lab: setup  ## a multi-host lab here: LAB_HOSTS netns hosts, Consul, agents, coordinators (root)
+	$(PY) -m tests.cluster.lab up --hosts $(LAB_HOSTS) $(LAB_FLAGS)
+
+lab-down:  ## remove every lab `make lab` built
+	$(PY) -m tests.cluster.lab down
 
 clean:  ## remove build outputs (not .venv, not the Consul build cache)
 	rm -rf examples/build .pytest_cache .mypy_cache .ruff_cache

@@ -43,6 +43,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         "floor; density",
     ),
     "placement": Benchmark("bench.placement", "pure placement engine: 1M containers, 10k nodes"),
+    "failover": Benchmark(
+        "bench.failover",
+        "leader failover (SIGKILL, host cut off): fault -> new leader's first fenced write, "
+        "beside `consul lock` (root, a 5-host lab)",
+    ),
     "netpol": Benchmark(
         "bench.netpol",
         "network policy: eBPF vs nftables vs iptables at 0-10,000 rules; policy update latency",

@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,18 +29,11 @@ from typing import Any
 
 import pytest
 
+from tests.cluster.lab import Lab, find_consul
+
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-
-
-def find_consul() -> str | None:
-    """`consul` on PATH, else the one `make consul` links into the .venv."""
-    found = shutil.which("consul")
-    if found:
-        return found
-    linked = ROOT / ".venv" / "bin" / "consul"
-    return str(linked) if linked.is_file() and os.access(linked, os.X_OK) else None
 
 
 def _die_with_parent() -> None:
@@ -233,3 +225,21 @@ def private_consul(consul_factory: Callable[[], ConsulAgent]) -> Iterator[Consul
 def unique_prefix() -> str:
     """A key prefix no other test uses: `test/<random>/`."""
     return f"test/{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture(scope="module")
+def lab(consul_binary: str) -> Iterator[Lab]:
+    """A multi-host lab (tests/cluster/lab.py) for one test module: 4 hosts, the first
+    three Consul servers, h3 a Consul client; removed (processes, netns, links) afterwards.
+
+    Tests that cut hosts off or kill Consul agents put them back (`lab.heal`,
+    `lab.start_consul` + `lab.wait_consul`) before they end.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root (network namespaces)")
+    built = Lab.create(4)
+    try:
+        built.up()
+        yield built
+    finally:
+        built.down()
