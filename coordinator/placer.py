@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -113,6 +114,7 @@ class Placer:
         batch_ops: int = 63,
         concurrency: int = 2,
         debounce: float = 0.05,
+        rejoin_grace: float = 12.0,
     ) -> None:
         if not 1 <= batch_ops <= 127:
             raise ValueError(
@@ -126,6 +128,14 @@ class Placer:
         self.batch_ops = batch_ops
         self.concurrency = concurrency
         self.debounce = debounce
+        # A new term may start while agents are still re-registering (a control plane
+        # restarted whole): for this long, a node whose key is unheld, and that this term
+        # has not yet seen held, keeps the replicas it has (and gets no new ones)
+        # instead of losing them. Default: a little over the
+        # agents' session TTL (agent/cluster/registration.py), so a live agent is back.
+        self.rejoin_grace = rejoin_grace
+        self._grace_until = 0.0
+        self._seen_healthy: set[str] = set()  # nodes seen held during the current grace
         self.bodies: dict[str, bytes] = {}  # node -> assignment body as stored
         self.placements: list[Placement] = []
         self.last: PassReport | None = None
@@ -135,8 +145,12 @@ class Placer:
 
     async def run(self, epoch: int) -> None:
         """Adopt, then place on every change, until cancelled (or no longer the leader)."""
+        grace_task = None
         if self.epoch is None or epoch not in (self.epoch, self.epoch + 1):
             await self.adopt()
+            self._grace_until = time.monotonic() + self.rejoin_grace
+            self._seen_healthy = set()
+            grace_task = asyncio.create_task(self._after_grace(), name="placer-grace")
         # else: the same term resumed (the lease lapsed, the key stayed ours) or
         # we led the one just before (LockIndex grows by one per acquisition):
         # nobody else wrote, so what we know is what is stored.
@@ -161,9 +175,10 @@ class Placer:
                     delay = min(delay * 2, 5.0)
                     self._dirty.set()
         finally:
-            for task in watchers:
+            tasks = [*watchers, *([grace_task] if grace_task is not None else [])]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*watchers, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _settle_time(self) -> float:
         """How long to let changes gather before a pass: `debounce`, or longer when
@@ -173,6 +188,25 @@ class Placer:
             return self.debounce
         took = self.last.place_s + self.last.write_s
         return min(max(self.debounce, took / 20), MAX_SETTLE)
+
+    async def _after_grace(self) -> None:
+        """One pass once the grace ends: nodes still unheld then lose their replicas."""
+        await asyncio.sleep(self.rejoin_grace + 0.01)
+        self._dirty.set()
+
+    def _in_grace(self, node: Node, holding: set[str]) -> Node:
+        """`node` as this pass sees it: an unheld node that holds replicas stays theirs
+        during the grace (full: nothing new lands on it)."""
+        if node.healthy:
+            self._seen_healthy.add(node.name)
+            return node
+        if (
+            node.name not in holding
+            or node.name in self._seen_healthy  # it failed during this term: move now
+            or time.monotonic() >= self._grace_until
+        ):
+            return node
+        return dataclasses.replace(node, healthy=True, allocated=node.capacity)
 
     async def adopt(self) -> None:
         """Take the stored assignments as the current placement."""
@@ -274,9 +308,10 @@ class Placer:
         started = time.monotonic()
         report = PassReport(epoch)
         nodes: list[Node] = []
+        holding = {p.node for p in placements}
         for entry in node_entries:
             try:
-                nodes.append(node_of(entry))
+                nodes.append(self._in_grace(node_of(entry), holding))
             except (RecordError, ValueError) as exc:
                 report.skipped.append(str(exc))
         specs: dict[tuple[str, str], DeploymentSpec] = {}

@@ -145,27 +145,44 @@ def _check_volume(text: str) -> str:
 
 async def _run_via_agent(socket_path: Path, body: dict[str, Any], *, detach: bool) -> int:
     async with AgentClient(socket_path) as client:
-        record = await client.create(body)
-        name = record["name"]
-        _cgroup_notice(body, record)
         if detach:
-            print(name)
+            record = await client.create(body)
+            _cgroup_notice(body, record)
+            print(record["name"])
             return 0
-        # Attached, the container lives as long as this command: SIGTERM (from
-        # `timeout`, a supervisor) stops it as Ctrl-C does, instead of orphaning it.
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        # Attached, the container lives as long as this command: Ctrl-C or SIGTERM
+        # (`timeout`, a supervisor) stops it instead of orphaning it. The handlers go
+        # in before the create request, so a signal that arrives while the agent is
+        # starting the container stops it as soon as its name is known.
+        loop = asyncio.get_running_loop()
+        interrupted = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupted.set)
         try:
-            await asyncio.gather(
-                _copy(client.logs(name, "stdout", follow=True), sys.stdout.buffer),
-                _copy(client.logs(name, "stderr", follow=True), sys.stderr.buffer),
-            )
-            final = await client.wait(name)
-        except asyncio.CancelledError:
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)  # a second one ends us
-            final = await client.stop(name, 2.0)
-        return _report_exit(name, final)
+            record = await client.create(body)
+            name = record["name"]
+            _cgroup_notice(body, record)
+            following = asyncio.ensure_future(_follow(client, name))
+            signalled = asyncio.ensure_future(interrupted.wait())
+            await asyncio.wait({following, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            signalled.cancel()
+            if following.done():
+                return _report_exit(name, following.result())
+            following.cancel()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)  # a second signal ends this command at once
+        return _report_exit(name, await client.stop(name, 2.0))
+
+
+async def _follow(client: AgentClient, name: str) -> dict[str, Any]:
+    """Copy the container's output here until it ends; its final record."""
+    await asyncio.gather(
+        _copy(client.logs(name, "stdout", follow=True), sys.stdout.buffer),
+        _copy(client.logs(name, "stderr", follow=True), sys.stderr.buffer),
+    )
+    final: dict[str, Any] = await client.wait(name)
+    return final
 
 
 async def _copy(chunks: Any, out: Any) -> None:

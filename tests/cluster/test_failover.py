@@ -239,17 +239,11 @@ def test_restart_everything_converges_to_the_same_desired_state(cluster: Cluster
     time.sleep(2.0)  # a placement pass of the new leader and a reconcile pass of each agent
     after = cluster.wait_converged(90.0)
     assert set(after) == set(before) == cluster.desired()
-    # Containers whose node did not change should be adopted, not restarted. Known bug
-    # (reported to the coordinator's owner): the new leader's first pass can run before
-    # the agents re-register, empty their assignments, and their containers get stopped
-    # and started again. Convergence is asserted above; this part is reported as XFAIL.
+    # Containers whose node did not change are adopted, not restarted: the new leader
+    # keeps a node's replicas while its agent re-registers (the placer's rejoin grace).
     restarted = [
         f"{rid} on {node}"
         for rid, (node, container) in after.items()
         if before[rid][0] == node and container != before[rid][1]
     ]
-    if restarted:
-        pytest.xfail(
-            "known bug: a full restart restarted containers whose node did not change "
-            f"(the first placement pass ran before the agents re-registered): {restarted}"
-        )
+    assert not restarted, f"a full restart restarted containers: {restarted}"
