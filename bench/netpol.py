@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from agent.netpol.backend import PolicyBackend, ebpf_unavailable_reason, select_backend
 from agent.netpol.engine import PolicyEngine
@@ -410,6 +410,20 @@ async def _engine_block(
             iptables.remove()
 
 
+async def _start_prober(net: Net, sports: Iterator[int]) -> IO[str]:
+    """Let the denying state settle, then start the client's UDP prober on a fresh port;
+    its answer (the time of the first echo) comes on the stream returned."""
+    await asyncio.sleep(0.01)
+    assert net.client.stdin is not None and net.client.stdout is not None
+    sport = next(sports, None)
+    if sport is None:
+        raise common.BenchError(f"--updates: at most {len(UPDATE_SPORTS)} samples in all")
+    net.client.stdin.write(f"wait_udp 3,{sport}\n")
+    net.client.stdin.flush()
+    await asyncio.sleep(0.005)  # the prober is polling (and being refused)
+    return net.client.stdout
+
+
 async def _update_latency(net: Net, engine: str, count: int, sports: Iterator[int]) -> list[float]:
     backend = _backend(net, engine)
     await backend.start()
@@ -419,18 +433,11 @@ async def _update_latency(net: Net, engine: str, count: int, sports: Iterator[in
         for _ in range(count):
             gen += 2
             await backend.apply(compiled_policy(net, UPDATE_RULES, client_allowed=False, gen=gen))
-            await asyncio.sleep(0.01)
-            assert net.client.stdin is not None and net.client.stdout is not None
-            sport = next(sports, None)
-            if sport is None:
-                raise common.BenchError(f"--updates: at most {len(UPDATE_SPORTS)} samples in all")
-            net.client.stdin.write(f"wait_udp 3,{sport}\n")
-            net.client.stdin.flush()
-            await asyncio.sleep(0.005)  # the prober is polling (and being refused)
+            answer = await _start_prober(net, sports)
             allowing = compiled_policy(net, UPDATE_RULES, gen=gen + 1)  # compiled beforehand
             t0 = time.monotonic_ns()
             await backend.apply(allowing)
-            t1 = json.loads(await asyncio.to_thread(net.client.stdout.readline))
+            t1 = json.loads(await asyncio.to_thread(answer.readline))
             if t1 < 0:
                 raise common.BenchError(f"{engine}: the allowing policy never took effect")
             samples.append(t1 - t0)
@@ -487,17 +494,10 @@ async def _file_update_latency(
         try:
             await policy.wait_applied(30)
             for _ in range(count):
-                await asyncio.sleep(0.01)
-                assert net.client.stdin is not None and net.client.stdout is not None
-                sport = next(sports, None)
-                if sport is None:
-                    raise common.BenchError(f"--updates: at most {len(UPDATE_SPORTS)} in all")
-                net.client.stdin.write(f"wait_udp 3,{sport}\n")
-                net.client.stdin.flush()
-                await asyncio.sleep(0.005)  # the prober is polling (and being refused)
+                answer = await _start_prober(net, sports)
                 t0 = time.monotonic_ns()
                 _write_atomically(client_file, CLIENT_FILE)
-                t1 = json.loads(await asyncio.to_thread(net.client.stdout.readline))
+                t1 = json.loads(await asyncio.to_thread(answer.readline))
                 if t1 < 0:
                     raise common.BenchError(f"{engine}: the policy file never took effect")
                 samples.append(t1 - t0)
