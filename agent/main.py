@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvloop
@@ -32,10 +33,12 @@ from agent.netpol import wiring as policy_wiring
 from agent.netpol.agent_hook import PolicyListener
 from agent.netpol.engine import PolicyEngine
 from agent.sandbox.cgroups import SandboxCgroups
+from agent.sandbox.network import SandboxNetwork
 from agent.sandbox.runtime import SandboxRuntime
 from agent.volumes_api import open_volumes
 from nova import errors, paths
 from nova.store import Store, open_store
+from nova.store.consul import ConsulStore
 
 log = logging.getLogger("nova.agent")
 
@@ -184,6 +187,7 @@ class Agent:
         self._lock_file: int | None = None
         self._runners: list[web.AppRunner] = []
         self._socket_bound = False
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     async def run(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -199,14 +203,24 @@ class Agent:
             advertise = None
             if self.args.consul:
                 advertise = self.args.advertise or route_source(self.args.consul)
-            network = network_flags.make_network(self.args, store=store, advertise=advertise)
+            segment_store = None
+            if self.args.consul:  # segment ids must agree across hosts
+                segment_store = ConsulStore(self.args.consul, timeout=5.0)
+                self._closers.append(segment_store.close)
+            network = network_flags.make_network(
+                self.args, store=store, advertise=advertise, segment_store=segment_store
+            )
             await network.start()
+            peers = network_flags.static_peers(self.args)
+            if peers:
+                await network.set_peers(peers)
         runtime = SandboxRuntime(
             str(self.cache_dir),
             pool_size=self.args.pool_size,
             cgroups=cgroups,
             network=network,
             namespace_pool_size=self.args.namespace_pool_size,
+            namespace_pool_idle_s=network_flags.pool_idle_seconds(self.args),
         )
         metrics = AgentMetrics(runtime)
         manager = ContainerManager(
@@ -220,7 +234,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        cluster = self._cluster(manager, store, metrics) if self.args.consul else None
+        cluster = self._cluster(manager, store, metrics, network) if self.args.consul else None
         policy = None
         if network is not None:  # policy acts on containers' own netns and veths
             # Cluster-wide policies come from the cluster's store; a single host's from its own.
@@ -287,10 +301,16 @@ class Agent:
             await runtime.close()
             if network is not None:
                 await network.close()  # segments no container uses any more
+            for close in self._closers:
+                await close()
             await store.close()
 
     def _cluster(
-        self, manager: ContainerManager, store: Store, metrics: AgentMetrics
+        self,
+        manager: ContainerManager,
+        store: Store,
+        metrics: AgentMetrics,
+        network: SandboxNetwork | None,
     ) -> ClusterAgent:
         address = self.args.advertise or route_source(self.args.consul)
         info = describe_host(self.args.node, address, parse_labels(self.args.labels))
@@ -301,6 +321,7 @@ class Agent:
             local=store,
             cache_dir=self.cache_dir,
             registry=metrics.registry,
+            network=network,
         )
 
     def _cgroups(self) -> SandboxCgroups | None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from ipaddress import IPv4Address
 
 from agent.sandbox.network import DEFAULT_NODE_CIDR, NetworkConfig, SandboxNetwork
 from nova import errors
 from nova.store import Store
+from nova.units import parse_duration
 
 log = logging.getLogger("nova.agent")
 
@@ -34,9 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--node-cidr",
         metavar="CIDR",
-        default=None,
-        help=f"this node's container addresses (default standalone: {DEFAULT_NODE_CIDR}; "
-        "in a cluster every node needs its own, inside --cluster-cidr)",
+        default=os.environ.get("NOVA_NODE_CIDR"),
+        help=f"this node's container addresses ($NOVA_NODE_CIDR; default standalone: "
+        f"{DEFAULT_NODE_CIDR}; in a cluster every node needs its own, inside --cluster-cidr)",
     )
     group.add_argument(
         "--cluster-cidr",
@@ -48,8 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--segment-ids",
         metavar="FIRST-LAST",
-        default=None,
-        help="segment ids (VXLAN VNIs) new namespaces get (default: 4096-16777215)",
+        default=os.environ.get("NOVA_SEGMENT_IDS"),
+        help="segment ids (VXLAN VNIs) new namespaces get ($NOVA_SEGMENT_IDS; "
+        "default: 4096-16777215)",
     )
     group.add_argument(
         "--vxlan-local",
@@ -57,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="this host's underlay address: segments get a VXLAN uplink from it "
         "(default: none standalone; --advertise in a cluster)",
+    )
+    group.add_argument(
+        "--vxlan-peers",
+        metavar="IP,...",
+        default="",
+        help="other hosts' underlay addresses, for segments spanning hosts without Consul "
+        "(in a cluster they come from the node inventory); needs --vxlan-local",
     )
     group.add_argument(
         "--vxlan-underlay",
@@ -72,6 +82,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="warm sandboxes kept per Nova namespace other than 'default', made on its "
         "first start (default: 2; 'default' keeps --pool-size)",
     )
+    group.add_argument(
+        "--namespace-pool-idle",
+        metavar="DURATION",
+        default="5m",
+        help="drop a namespace's warm pool (and then its segment) after it started nothing "
+        "for this long (default: 5m)",
+    )
+
+
+def pool_idle_seconds(args: argparse.Namespace) -> float:
+    """--namespace-pool-idle in seconds; UsageError when malformed."""
+    return parse_duration(args.namespace_pool_idle, what="--namespace-pool-idle")
 
 
 def wants_network(args: argparse.Namespace, *, cgroups_on: bool) -> bool:
@@ -94,8 +116,25 @@ def wants_network(args: argparse.Namespace, *, cgroups_on: bool) -> bool:
     return True
 
 
+def static_peers(args: argparse.Namespace) -> list[IPv4Address]:
+    """--vxlan-peers as addresses; UsageError naming a bad one."""
+    peers = []
+    for item in filter(None, (p.strip() for p in args.vxlan_peers.split(","))):
+        try:
+            peers.append(IPv4Address(item))
+        except ValueError:
+            raise errors.UsageError(f"invalid --vxlan-peers address {item!r}") from None
+    if peers and not args.vxlan_local:
+        raise errors.UsageError("--vxlan-peers needs --vxlan-local (this host's underlay address)")
+    return peers
+
+
 def make_network(
-    args: argparse.Namespace, *, store: Store, advertise: str | None
+    args: argparse.Namespace,
+    *,
+    store: Store,
+    advertise: str | None,
+    segment_store: Store | None = None,
 ) -> SandboxNetwork:
     """The network the flags describe; UsageError naming a bad flag."""
     if args.namespace_pool_size < 0:
@@ -110,4 +149,4 @@ def make_network(
         )
     except ValueError as exc:
         raise errors.UsageError(str(exc)) from None
-    return SandboxNetwork(store, node=args.node, config=config)
+    return SandboxNetwork(store, node=args.node, config=config, segment_store=segment_store)

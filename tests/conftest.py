@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -35,9 +38,75 @@ def nova_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     monkeypatch.setenv("NOVA_SOCKET", str(tmp_path / "agent.sock"))
     cgroup_root = unique_cgroup_root()
     monkeypatch.setenv("NOVA_CGROUP_ROOT", cgroup_root)
+    net = unique_test_network()
+    monkeypatch.setenv("NOVA_NODE_CIDR", str(net.cidr))
+    monkeypatch.setenv("NOVA_SEGMENT_IDS", f"{net.segments.start}-{net.segments.stop - 1}")
     yield tmp_path
     if os.geteuid() == 0:
         remove_cgroup_root(cgroup_root)
+        remove_test_network(net)
+
+
+@dataclass(frozen=True)
+class NetworkUnderTest:
+    """A node CIDR and segment-id range no other test (or Nova install) uses."""
+
+    cidr: IPv4Network
+    segments: range
+
+
+def unique_test_network() -> NetworkUnderTest:
+    rng = random.SystemRandom()
+    cidr = IPv4Network(f"10.{rng.randrange(128, 255)}.{rng.randrange(256)}.0/24")
+    first = rng.randrange(1_000_000, 16_000_000, 64)
+    return NetworkUnderTest(cidr, range(first, first + 64))
+
+
+def _ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=False).stdout
+
+
+def network_leftovers(net: NetworkUnderTest) -> dict[str, list[str]]:
+    """What Nova left of `net` in the kernel, read with iproute2 (not with Nova's code):
+    container netns whose eth0 has an address in its CIDR, their host veths, the
+    bridges of its segment ids, host routes into its CIDR."""
+    netns = []
+    for line in _ip("netns", "list").splitlines():
+        name = line.split()[0] if line.split() else ""
+        if not name.startswith("nova-ctr-"):
+            continue
+        addresses = _ip("-n", name, "-4", "-o", "addr", "show", "dev", "eth0").split()
+        if any(
+            "." in a and "/" in a and IPv4Address(a.split("/")[0]) in net.cidr for a in addresses
+        ):
+            netns.append(name)
+    links = _ip("-o", "link", "show").splitlines()
+    names = [line.split(":")[1].strip().split("@")[0] for line in links if ":" in line]
+    bridges = [
+        n for n in names if n.startswith("nvb") and n[3:].isdigit() and int(n[3:]) in net.segments
+    ]
+    veths = [
+        f"nvh{ns[len('nova-ctr-') :]}" for ns in netns if f"nvh{ns[len('nova-ctr-') :]}" in names
+    ]
+    routes = [
+        r
+        for r in _ip("-4", "route", "show", "proto", "78").splitlines()
+        if r.split() and IPv4Address(r.split()[0].split("/")[0]) in net.cidr
+    ]
+    return {"netns": netns, "veths": veths, "bridges": bridges, "routes": routes}
+
+
+def remove_test_network(net: NetworkUnderTest) -> None:
+    """Remove whatever `network_leftovers` finds; nothing outside `net` is touched."""
+    left = network_leftovers(net)
+    for route in left["routes"]:
+        subprocess.run(["ip", "route", "del", *route.split()], capture_output=True, check=False)
+    for veth in left["veths"]:
+        subprocess.run(["ip", "link", "del", veth], capture_output=True, check=False)
+    for name in left["netns"]:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+    for bridge in left["bridges"]:
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False)
 
 
 def unique_cgroup_root() -> str:

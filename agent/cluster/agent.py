@@ -7,6 +7,7 @@ answer, none ever stopping a container because of that:
     watch         blocking queries on nova/v1/assignments/<node>
     reconcile     plans applied with the container manager (reconciler.py)
     status        observed status written to nova/v1/status/<node>/ (status.py)
+    peers         (with container networks) other nodes' segment endpoints -> VXLAN FDB
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from agent.cluster.reconciler import Reconciler
 from agent.cluster.registration import Registration
 from agent.cluster.status import StatusReporter
 from agent.containers import ContainerManager
+from agent.sandbox.network import SandboxNetwork
+from nova.errors import NovaError
 from nova.images import ImageCache, ImageRef, resolve
 from nova.store import Store, StoreError, keys
 from nova.store.consul import ConsulStore
@@ -47,8 +51,10 @@ class ClusterAgent:
         local: Store,
         cache_dir: Path,
         registry: CollectorRegistry,
+        network: SandboxNetwork | None = None,
     ) -> None:
         self.info = info
+        self.network = network
         self.node = info.node
         self.store = ConsulStore(consul_url, timeout=STORE_TIMEOUT)
         self.health = StoreHealth(self.store.url, registry)
@@ -72,6 +78,8 @@ class ClusterAgent:
             (self.status.run(), "status"),
         ):
             self._spawn(coro, name)
+        if self.network is not None:
+            self._spawn(self._watch_peers(), "peers")
 
     async def close(self) -> None:
         """Stop the loops. Containers keep running; the session lapses with the TTL check."""
@@ -128,6 +136,41 @@ class ClusterAgent:
                 log.error("ignoring a bad assignment, keeping the last good one: %s", exc)
                 continue
             self.reconciler.set_desired(assignment)
+
+    async def _watch_peers(self) -> None:
+        """Every other node's segment endpoint -> the VXLAN flood list of every segment.
+
+        A node that leaves (its session-bound key goes) stops receiving our
+        segments' broadcasts; one that joins starts. Consul being down keeps
+        the last list.
+        """
+        assert self.network is not None
+        index = 0
+        backoff = Backoff()
+        while True:
+            try:
+                current, entries = await self.store.watch(keys.NODES, index, WATCH_WAIT)
+            except StoreError as exc:
+                self.health.failed("watch nodes", exc)
+                index = 0
+                await asyncio.sleep(backoff.next())
+                continue
+            backoff.reset()
+            if current == index:
+                continue
+            index = 0 if current < index else current
+            peers = set()
+            for entry in entries:
+                try:
+                    data = entry.json()
+                    if data.get("node") != self.node and data.get("segment_endpoint"):
+                        peers.add(IPv4Address(data["segment_endpoint"]))
+                except (ValueError, AttributeError) as exc:
+                    log.warning("ignoring node record %s: %s", entry.key, exc)
+            try:
+                await self.network.set_peers(peers)
+            except NovaError as exc:
+                log.error("cannot update the segments' peers: %s", exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"nova-cluster-{name}")

@@ -41,7 +41,7 @@ from agent.isolation.netns import NETNS_DIR, host_ifname, list_container_netns, 
 from agent.isolation.nlhelper import NetlinkHelper, NetlinkHelperError
 from agent.isolation.segment_ids import SegmentIdRange, namespace_segment_id
 from agent.isolation.segments import BridgeSegment, Segment, VxlanSegment
-from nova.store import Store
+from nova.store import Store, StoreError, keys
 
 log = logging.getLogger("nova.agent.sandbox.network")
 
@@ -119,8 +119,21 @@ class NetAttachment:
 
 
 class SandboxNetwork:
-    def __init__(self, store: Store, *, node: str, config: NetworkConfig) -> None:
+    """`store` keeps this node's IPAM record; `segment_store` (default: `store`) the
+    namespace records with their segment ids, which must be the same on every host:
+    in a cluster, Consul. Ids learnt from it are cached in `store`, so a node whose
+    Consul is down still starts containers in namespaces it has seen."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        node: str,
+        config: NetworkConfig,
+        segment_store: Store | None = None,
+    ) -> None:
         self.netlink = NetlinkHelper()
+        self.segment_store = segment_store or store
         self.store = store
         self.node = node
         self.config = config
@@ -134,9 +147,7 @@ class SandboxNetwork:
         """Read this node's IPAM record (IpamError if it was made for another CIDR)."""
         state = await self.ipam.load()
         for lease in state.leases():
-            segment_id = await namespace_segment_id(
-                self.store, lease.namespace, self.config.segment_ids
-            )
+            segment_id = await self._segment_id(lease.namespace)
             self._attached[lease.owner] = _attachment(lease, segment_id)
 
     # -- queries ----------------------------------------------------------------
@@ -212,7 +223,7 @@ class SandboxNetwork:
         busy = {lease.namespace for lease in state.leases()}
         removed = []
         for namespace in sorted(set(state.gateways()) - busy):
-            segment_id = await namespace_segment_id(self.store, namespace, self.config.segment_ids)
+            segment_id = await self._segment_id(namespace)
             await self._segment_call("remove", self._make_segment(segment_id, None))
             await self.ipam.release_gateway(namespace)
             self._segments.pop(namespace, None)
@@ -233,6 +244,23 @@ class SandboxNetwork:
             self.netlink.close()
 
     # -- internals ------------------------------------------------------------
+
+    async def _segment_id(self, namespace: str) -> int:
+        if self.segment_store is self.store:
+            return await namespace_segment_id(self.store, namespace, self.config.segment_ids)
+        try:
+            segment_id = await namespace_segment_id(
+                self.segment_store, namespace, self.config.segment_ids
+            )
+        except StoreError as exc:
+            cached = await self.store.get(keys.namespace(namespace))
+            value = cached.json() if cached is not None else None
+            if isinstance(value, dict) and isinstance(value.get("segment_id"), int):
+                log.warning("segment id of %s from the local cache: %s", namespace, exc)
+                return int(value["segment_id"])
+            raise
+        await self.store.put_json(keys.namespace(namespace), {"segment_id": segment_id})
+        return segment_id
 
     async def _segment_call(self, action: str, segment: Segment) -> None:
         description = {
@@ -269,9 +297,7 @@ class SandboxNetwork:
         async with lock:
             segment = self._segments.get(namespace)
             if segment is None:
-                segment_id = await namespace_segment_id(
-                    self.store, namespace, self.config.segment_ids
-                )
+                segment_id = await self._segment_id(namespace)
                 segment = self._make_segment(segment_id, gateway)
                 await self._segment_call("ensure", segment)
                 if self._peers:

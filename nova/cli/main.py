@@ -11,8 +11,8 @@ import sys
 from typing import NoReturn
 
 from nova import errors
+from nova.cli import cluster, volume
 from nova.cli import policy as policy_cli
-from nova.cli import volume
 
 TOP_DESCRIPTION = """\
 Nova runs WebAssembly (WASI) programs as containers: each in its own sandboxed
@@ -30,6 +30,8 @@ commands:
   doctor   report what this host supports (cgroups, BPF, VXLAN, nftables, ...)
   volume   create, list and remove encrypted volumes (nova volume --help)
   policy   show and test network policy (status, test)
+  status   the cluster: leading coordinator, epoch, nodes and their health
+  deploy   create, update or delete a deployment in the cluster
 
 Run `nova COMMAND --help` for a command's options.
 
@@ -59,6 +61,14 @@ memory (--memory plus 64Mi for the worker process), --cpu and --pids limits
 hold for the whole worker, and the kernel's OOM killer ends it (OOMKilled,
 exit 137) if it goes past them. Other users run without cgroups; --cpu and
 --pids then print a notice and are not enforced.
+
+As root (agent or daemonless), every container also gets a network namespace
+of its own on its --namespace's segment, with an address of the node's CIDR
+(`nova ps --json` shows it): containers of one namespace reach each other,
+containers of different namespaces cannot exchange a single packet. A --port
+is published on the host as well. --isolation none (unsafe) runs the plain
+sandbox, sharing the host's network. A daemonless run as root gets its own
+netns too.
 """
 
 RUN_EPILOG = """\
@@ -227,6 +237,7 @@ def build_parser() -> NovaArgumentParser:
     image.add_parser(commands)
     volume.add_parser(commands)
     policy_cli.add_parser(commands)
+    cluster.add_parsers(commands)
     return parser
 
 
@@ -296,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
             return volume.main(args)
         if args.command == "policy":
             return policy_cli.dispatch(args)
+        if args.command == "status":
+            return cluster.status_main(args)
+        if args.command == "deploy":
+            return cluster.deploy_main(args)
         from nova.cli import commands
 
         return commands.dispatch(args)

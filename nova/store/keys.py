@@ -12,6 +12,7 @@ nova/v1/images/<digest>/...        content-addressed images (meta, chunk/<i>)
 nova/v1/imagetags/<name>/<tag>     image tag -> {"digest": …}
 nova/v1/containers/<node>/<id>     the local agent's own container records
 nova/v1/replicas/<node>/<replica>  the local agent's replica -> container mapping
+nova/v1/ipam/<node>                a node's container addresses (agent-owned; ipam.py)
 ```
 
 Prefix constants end with '/', so `list(NODES)` never matches a sibling such
