@@ -18,8 +18,12 @@ then one rule per line, the client's last, then DROP: the layout
 kube-proxy/Calico-iptables users know).
 
 Policy update latency: the server's 1,000-rule policy without the client is in
-force; a prober in the client sends a UDP probe from a fresh socket every
-0.5 ms; the time from `apply(new policy)` to the first echo is one sample.
+force; a prober in the client sends a UDP probe every 0.5 ms (one socket per
+sample, on a source port no other sample used); one sample is the time to its
+first echo from either `apply(new policy)` on the backend (`<engine>`), or
+(`<engine>/file`) from writing a policy file that allows the client (temp
+file + rename) into the directory a PolicyEngine watches, the 1,000 rules
+being 100 other files of 10 rules: inotify, parse, compile and apply included.
 
 Engines run in alternating blocks (`--rounds`, the order rotating each round).
 """
@@ -34,13 +38,17 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from agent.netpol.backend import PolicyBackend, ebpf_unavailable_reason, select_backend
+from agent.netpol.engine import PolicyEngine
+from agent.netpol.sources import DirectorySource
 from agent.netpol.tables import (
     IPPROTO_TCP,
     IPPROTO_UDP,
@@ -358,6 +366,9 @@ async def _measure(args: argparse.Namespace) -> tuple[dict[str, Samples], dict[s
         sports = iter(UPDATE_SPORTS)
         for engine in [e for e in args.engines if e != "iptables"]:
             updates[engine] = await _update_latency(net, engine, args.updates, sports)
+            updates[f"{engine}/file"] = await _file_update_latency(
+                net, engine, args.updates, sports
+            )
     finally:
         net.close()
     return results, updates
@@ -399,6 +410,20 @@ async def _engine_block(
             iptables.remove()
 
 
+async def _start_prober(net: Net, sports: Iterator[int]) -> IO[str]:
+    """Let the denying state settle, then start the client's UDP prober on a fresh port;
+    its answer (the time of the first echo) comes on the stream returned."""
+    await asyncio.sleep(0.01)
+    assert net.client.stdin is not None and net.client.stdout is not None
+    sport = next(sports, None)
+    if sport is None:
+        raise common.BenchError(f"--updates: at most {len(UPDATE_SPORTS)} samples in all")
+    net.client.stdin.write(f"wait_udp 3,{sport}\n")
+    net.client.stdin.flush()
+    await asyncio.sleep(0.005)  # the prober is polling (and being refused)
+    return net.client.stdout
+
+
 async def _update_latency(net: Net, engine: str, count: int, sports: Iterator[int]) -> list[float]:
     backend = _backend(net, engine)
     await backend.start()
@@ -408,23 +433,81 @@ async def _update_latency(net: Net, engine: str, count: int, sports: Iterator[in
         for _ in range(count):
             gen += 2
             await backend.apply(compiled_policy(net, UPDATE_RULES, client_allowed=False, gen=gen))
-            await asyncio.sleep(0.01)
-            assert net.client.stdin is not None and net.client.stdout is not None
-            sport = next(sports, None)
-            if sport is None:
-                raise common.BenchError(f"--updates: at most {len(UPDATE_SPORTS)} samples in all")
-            net.client.stdin.write(f"wait_udp 3,{sport}\n")
-            net.client.stdin.flush()
-            await asyncio.sleep(0.005)  # the prober is polling (and being refused)
+            answer = await _start_prober(net, sports)
             allowing = compiled_policy(net, UPDATE_RULES, gen=gen + 1)  # compiled beforehand
             t0 = time.monotonic_ns()
             await backend.apply(allowing)
-            t1 = json.loads(await asyncio.to_thread(net.client.stdout.readline))
+            t1 = json.loads(await asyncio.to_thread(answer.readline))
             if t1 < 0:
                 raise common.BenchError(f"{engine}: the allowing policy never took effect")
             samples.append(t1 - t0)
     finally:
         await backend.close(remove=True)
+    return samples
+
+
+def _policy_file(name: str, peers: list[dict[str, Any]], ports: list[dict[str, Any]]) -> str:
+    """A policy selecting the server, allowing `peers` on `ports` (JSON is YAML)."""
+    return json.dumps(
+        {
+            "apiVersion": "nova.sh/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": "bench"},
+            "spec": {
+                "podSelector": {"matchLabels": {"role": "server"}},
+                "ingress": [{"from": [peer], "ports": ports} for peer in peers],
+            },
+        }
+    )
+
+
+CLIENT_FILE = _policy_file(
+    "client",
+    [{"podSelector": {"matchLabels": {"role": "client"}}}],
+    [{"port": 80, "endPort": 81}, {"protocol": "UDP", "port": 80}],
+)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text)
+    os.rename(temp, path)
+
+
+def _write_fillers(directory: Path) -> None:
+    for j in range(UPDATE_RULES // 10):
+        peers = [{"ipBlock": {"cidr": str(filler(j * 10 + i))}} for i in range(10)]
+        (directory / f"fill-{j:03}.yaml").write_text(_policy_file(f"p{j}", peers, [{"port": 80}]))
+
+
+async def _file_update_latency(
+    net: Net, engine: str, count: int, sports: Iterator[int]
+) -> list[float]:
+    samples: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="nova-bench-policies-") as tmp:
+        directory = Path(tmp)
+        client_file = directory / "client.yaml"
+        _write_fillers(directory)
+        policy = PolicyEngine(_backend(net, engine), sources=[DirectorySource(directory)])
+        policy.set_endpoints(net.endpoints())
+        await policy.start()
+        try:
+            await policy.wait_applied(30)
+            for _ in range(count):
+                answer = await _start_prober(net, sports)
+                t0 = time.monotonic_ns()
+                _write_atomically(client_file, CLIENT_FILE)
+                t1 = json.loads(await asyncio.to_thread(answer.readline))
+                if t1 < 0:
+                    raise common.BenchError(f"{engine}: the policy file never took effect")
+                samples.append(t1 - t0)
+                os.unlink(client_file)
+                # the watcher saw it go (the engine has no event for it: poll)
+                while len(policy.policies) != UPDATE_RULES // 10:  # noqa: ASYNC110
+                    await asyncio.sleep(0.001)
+                await policy.wait_applied(5)
+        finally:
+            await policy.close(remove=True)
     return samples
 
 
@@ -452,8 +535,9 @@ def _body(
         "latency: one new TCP connection per transaction (connect, 64 B echo, RST close), "
         "measured in the client pod with a Python client (its overhead is in every variant)",
         "stream: one TCP connection, 64 KiB writes; established packets never walk the rules",
-        f"update: {UPDATE_RULES}-rule policy; apply(new CompiledPolicy) -> first UDP echo "
-        "(prober polls every 0.5 ms); file-to-kernel latency adds the watcher's parse/compile",
+        f"update: {UPDATE_RULES}-rule policy; <engine>: apply(new CompiledPolicy) -> first UDP "
+        "echo (prober polls every 0.5 ms); <engine>/file: policy file renamed into the watched "
+        "directory (100 other files of 10 rules) -> first UDP echo",
     ]
     ebpf_big = ratios.get(f"ebpf/{max(args.rules)}/none")
     return {

@@ -44,7 +44,8 @@ def _engine(request: web.Request) -> PolicyEngine | None:
 
 
 _DISABLED = errors.NovaError(
-    "network policy is not enabled on this agent (see nova-agent --policy-backend)"
+    "network policy is not enabled on this agent (it needs per-container networks, see "
+    "nova-agent --network, and a --policy-backend other than none)"
 )
 
 

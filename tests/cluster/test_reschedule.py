@@ -23,7 +23,7 @@ import pytest
 from tests.cluster.conftest import ConsulAgent
 from tests.cluster.coordinators import Coordinator, placed
 from tests.conftest import remove_cgroup_root, unique_cgroup_root
-from tests.unit.test_agent import NOVA_AGENT, wait_for
+from tests.unit.test_agent import NOVA_AGENT, POLICY_OFF, wait_for
 from tests.unit.test_cli import nova
 
 pytestmark = [
@@ -57,7 +57,8 @@ class Host:
         with (self.dir / "agent.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [*NOVA_AGENT, "--consul", self.consul.url, "--node", self.node,
-                 "--pool-size", "1", "--advertise", "127.0.0.1", "--labels", f"host={self.node}"],
+                 "--pool-size", "1", "--advertise", "127.0.0.1", "--labels", f"host={self.node}",
+                 *POLICY_OFF],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             )  # fmt: skip
         wait_for(f"{self.node}'s API", self._answers, timeout=30)

@@ -44,7 +44,7 @@ NAMESPACE_LABELS: dict[str, dict[str, str]] = {
 }
 
 POD_AGENT = r"""
-import json, socket, sys, threading
+import itertools, json, socket, sys, threading
 from concurrent.futures import ThreadPoolExecutor
 PORTS = json.loads(sys.argv[1])
 
@@ -67,14 +67,22 @@ def udp_server(port):
     while True:
         data, peer = srv.recvfrom(64); srv.sendto(data, peer)
 
+# Every probe from its own source port, never reused: a flow allowed by an earlier
+# scenario (still tracked by conntrack or the eBPF flow map) must not answer for this one.
+SPORTS = itertools.count(20000)
+SPORT_LOCK = threading.Lock()
+
 def probe(req):
     proto, ip, port, timeout = req
+    with SPORT_LOCK:
+        sport = next(SPORTS)
     try:
         if proto == "tcp":
-            with socket.create_connection((ip, port), timeout=timeout) as s:
+            source = ("0.0.0.0", sport)
+            with socket.create_connection((ip, port), timeout, source) as s:
                 s.sendall(b"nova"); return s.recv(64) == b"nova"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(timeout); s.sendto(b"nova", (ip, port))
+            s.bind(("0.0.0.0", sport)); s.settimeout(timeout); s.sendto(b"nova", (ip, port))
             return s.recvfrom(64)[0] == b"nova"
     except OSError:
         return False

@@ -39,6 +39,7 @@ from tests.conftest import (
 )
 from tests.unit.test_agent import (  # noqa: F401 (start_agent is a fixture used by name)
     NOVA_AGENT,
+    POLICY_OFF,
     StartAgent,
     free_port,
     ps,
@@ -371,6 +372,7 @@ def test_two_agents_on_two_hosts_share_a_segment_over_vxlan(
                         f"--net=/var/run/netns/{host}",
                         *NOVA_AGENT,
                         "--standalone",
+                        *POLICY_OFF,
                         "--node",
                         f"host-{i}",
                         "--state-dir",

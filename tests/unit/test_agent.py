@@ -34,9 +34,10 @@ pytestmark = pytest.mark.usefixtures("nova_dirs", "shared_module_cache", "no_lef
 
 NOVA_AGENT = console_script("nova-agent", "agent.main")
 READY_TIMEOUT_S = 30.0
-# Agents here share the host's network namespace, where the kernel's policy state (the
-# `nova` tables, filters on nvh* links) is one per host; tests/linux runs policy-enabled
-# agents in a namespace of their own.
+# Test agents run without network policy: its default directory is the host's
+# /etc/nova/policies and its kernel state is one per network namespace (and bcc takes
+# seconds to load). tests/linux/test_netpol_agent.py runs agents with policy, each with a
+# directory and a network namespace of its own.
 POLICY_OFF = ("--policy-backend", "none")
 EXIT_TIMEOUT_S = 15.0
 

@@ -375,6 +375,12 @@ def test_errors_name_file_line_field_and_reason(text: str, expected: str) -> Non
             "policies/web.yaml:5: spec.podSelector.a: cannot read this value",
         ),
         ("a: " + "[" * 5000, "policies/web.yaml: not valid YAML"),
+        # deeper than the C stack of libyaml's composer: refused before composing
+        ("a: " + "[" * 200_000 + "]" * 200_000, "policies/web.yaml: not valid YAML: nested"),
+        (
+            "a:\n" + "".join(" " * i + "- \n" for i in range(100)),
+            "policies/web.yaml: not valid YAML: nested",
+        ),
     ],
 )
 def test_hostile_yaml_is_a_policy_error(text: str, expected: str) -> None:

@@ -108,7 +108,13 @@ BPF_HASH(nova_ipcache_v1, u32, u32, 262144); // endpoint address (network order)
 BPF_LPM_TRIE(nova_cidrs_v1, struct cidr_key, u32, 262144);
 BPF_LPM_TRIE(nova_policy_v1, struct policy_key, struct policy_value, 1048576);
 BPF_HASH(nova_endpoints_v1, u32, struct endpoint_config, 65536);
-BPF_TABLE("lru_hash", struct ct_key, u8, nova_ct_v1, 262144);
+// Flow -> when it last passed (ktime ns). An entry idle longer than its timeout no
+// longer counts: the flow's next packet meets the policy again, so a flow the policy
+// stopped allowing does not pass forever (LRU eviction alone would keep it).
+BPF_TABLE("lru_hash", struct ct_key, u64, nova_ct_v1, 262144);
+#define CT_IDLE_TCP_NS (3600ULL * 1000000000ULL) // no TCP state machine: a long idle timeout
+#define CT_IDLE_OTHER_NS (120ULL * 1000000000ULL) // UDP and the rest, as conntrack's streams
+#define CT_REFRESH_NS 1000000000ULL // rewrite last-seen at most once a second per entry
 BPF_PERCPU_ARRAY(nova_counters_v1, struct counter, MAX_COUNTERS);
 
 static __always_inline void count(u32 slot, int allowed) {
@@ -144,6 +150,21 @@ static __always_inline void log_drop(u32 endpoint, struct ct_key *flow, u32 slot
     ev.protocol = flow->protocol;
     ev.direction = flow->direction;
     nova_drops_v1.ringbuf_output(&ev, sizeof(ev), 0);
+}
+
+// True if `key` is a live tracked flow; refreshes its last-seen time.
+static __always_inline int tracked(struct ct_key *key, u64 now) {
+    u64 *seen = nova_ct_v1.lookup(key);
+    if (!seen)
+        return 0;
+    u64 idle = key->protocol == IPPROTO_TCP ? CT_IDLE_TCP_NS : CT_IDLE_OTHER_NS;
+    if (now - *seen > idle) {
+        nova_ct_v1.delete(key);
+        return 0;
+    }
+    if (now - *seen > CT_REFRESH_NS)
+        *seen = now;
+    return 1;
 }
 
 static __always_inline struct policy_value *lookup_policy(u32 endpoint, u32 identity,
@@ -208,7 +229,8 @@ static __always_inline int verdict(struct __sk_buff *skb, int direction) {
         flow.dport = ports[1];
         port = ports[1];
     }
-    if (nova_ct_v1.lookup(&flow)) {
+    u64 now = bpf_ktime_get_ns();
+    if (tracked(&flow, now)) {
         count(COUNTER_ESTABLISHED, 1);
         return TC_ACT_OK;
     }
@@ -220,11 +242,11 @@ static __always_inline int verdict(struct __sk_buff *skb, int direction) {
     reply.sport = flow.dport;
     reply.dport = flow.sport;
     reply.protocol = flow.protocol;
-    if (nova_ct_v1.lookup(&reply)) {
+    if (tracked(&reply, now)) {
         count(COUNTER_ESTABLISHED, 1);
         return TC_ACT_OK;
     }
-    u8 seen = 1;
+    u64 seen = now;
     if (!cfg->isolated[direction]) {
         nova_ct_v1.update(&flow, &seen);
         count(COUNTER_UNISOLATED, 1);
