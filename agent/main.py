@@ -243,6 +243,8 @@ class Agent:
             )
         else:
             policy_wiring.warn_without_network(self.args)
+        if cluster is not None and policy is not None:  # selectors match other hosts' too
+            cluster.on_remote_endpoints = policy.set_remote_endpoints
         policy_started: asyncio.Task[None] | None = None
         try:
             if policy is not None:

@@ -8,6 +8,7 @@ answer, none ever stopping a container because of that:
     reconcile     plans applied with the container manager (reconciler.py)
     status        observed status written to nova/v1/status/<node>/ (status.py)
     peers         (with container networks) other nodes' segment endpoints -> VXLAN FDB
+    endpoints     this node's containers published, other nodes' fed to network policy
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from agent.cluster.assignments import parse_assignment
+from agent.cluster.endpoints import EndpointPublisher, watch_remote
 from agent.cluster.health import Backoff, StoreHealth
 from agent.cluster.node import NodeInfo
 from agent.cluster.reconciler import Reconciler
 from agent.cluster.registration import Registration
 from agent.cluster.status import StatusReporter
 from agent.containers import ContainerManager
+from agent.netpol.tables import Endpoint
 from agent.sandbox.network import SandboxNetwork
 from nova.errors import NovaError
 from nova.images import ImageCache, ImageRef, resolve
@@ -67,6 +70,10 @@ class ClusterAgent:
             self.store, info, self.health, on_registered=self.status.resync
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self.manager = manager
+        self.endpoints = EndpointPublisher(self.store, self.node) if network is not None else None
+        # Set by the agent when it enforces network policy: other nodes' containers.
+        self.on_remote_endpoints: Callable[[list[Endpoint]], None] | None = None
 
     async def start(self) -> None:
         """Adopt the replicas recorded locally, then start the loops (Consul need not answer)."""
@@ -80,6 +87,13 @@ class ClusterAgent:
             self._spawn(coro, name)
         if self.network is not None:
             self._spawn(self._watch_peers(), "peers")
+        if self.endpoints is not None:
+            self.manager.add_network_listener(self.endpoints)
+            self._spawn(self.endpoints.run(), "endpoints")
+        if self.on_remote_endpoints is not None:
+            self._spawn(
+                watch_remote(self.store, self.node, self.on_remote_endpoints), "peers-policy"
+            )
 
     async def close(self) -> None:
         """Stop the loops. Containers keep running; the session lapses with the TTL check."""

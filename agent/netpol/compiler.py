@@ -89,11 +89,18 @@ def compile_policy(
     namespace_labels: Mapping[str, Mapping[str, str]],
     allocator: IdentityAllocator,
     generation: int,
+    *,
+    remote: Iterable[Endpoint] = (),
 ) -> CompiledPolicy:
     """The per-endpoint tables. Endpoints are taken in key order; an IP claimed twice
-    keeps the first endpoint in that order (the other gets no ipcache entry)."""
+    keeps the first endpoint in that order (the other gets no ipcache entry).
+
+    `remote` endpoints run on other hosts: they get identities and ipcache entries
+    (so selectors match them as peers) but no tables (this host does not enforce
+    them); a local endpoint wins an IP over a remote one."""
     ordered = sorted(endpoints, key=lambda e: e.key)
-    ids = allocator.sync(identity_key(e) for e in ordered)
+    others = sorted(remote, key=lambda e: e.key)
+    ids = allocator.sync(identity_key(e) for e in (*ordered, *others))
     identities = _IdentityIndex(ids, namespace_labels)
     ordered_policies = sorted(policies, key=lambda p: (p.key, p.source, p.line))
     ingress_rules = {id(p): identities.rules(p, p.ingress) for p in ordered_policies}
@@ -115,6 +122,8 @@ def compile_policy(
             ingress=_direction([p for p in selecting if p.affects_ingress], ingress_rules),
             egress=_direction([p for p in selecting if p.affects_egress], egress_rules),
         )
+    for endpoint in others:
+        ipcache.setdefault(endpoint.ip, ids[identity_key(endpoint)])
     return CompiledPolicy(generation=generation, ipcache=ipcache, endpoints=tables)
 
 

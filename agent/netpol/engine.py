@@ -158,6 +158,7 @@ class PolicyEngine:
         self._counters_s = counters_s
         self._origins: dict[str, OriginState] = {}
         self._endpoints: dict[str, Endpoint] = {}
+        self._remote: tuple[Endpoint, ...] = ()  # other hosts' containers: peers only
         self._names: dict[str, str] = {}  # container name -> endpoint key
         self._namespace_labels: dict[str, dict[str, str]] = {}
         self._unsynced: list[str] = []
@@ -224,6 +225,13 @@ class PolicyEngine:
         self._endpoints = {e.key: e for e in endpoints}
         self._names = dict(names or {})
         self._changed()
+
+    def set_remote_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
+        """Other hosts' containers (cluster-wide): selectors match them as peers."""
+        remote = tuple(sorted(endpoints, key=lambda e: e.key))
+        if remote != self._remote:
+            self._remote = remote
+            self._changed()
 
     def add_endpoint(self, endpoint: Endpoint, *, name: str | None = None) -> None:
         if self._endpoints.get(endpoint.key) == endpoint and (
@@ -363,6 +371,7 @@ class PolicyEngine:
             self._namespace_labels,
             self.allocator,
             generation,
+            remote=self._remote,
         )
 
     async def _apply_loop(self) -> None:

@@ -13,6 +13,7 @@ nova/v1/imagetags/<name>/<tag>     image tag -> {"digest": …}
 nova/v1/containers/<node>/<id>     the local agent's own container records
 nova/v1/replicas/<node>/<replica>  the local agent's replica -> container mapping
 nova/v1/ipam/<node>                a node's container addresses (agent-owned; ipam.py)
+nova/v1/endpoints/<node>           its running containers' ip, namespace, labels (policy peers)
 ```
 
 Prefix constants end with '/', so `list(NODES)` never matches a sibling such
@@ -35,6 +36,7 @@ STATUS = ROOT + "status/"
 POLICIES = ROOT + "policies/"
 IMAGES = ROOT + "images/"
 IMAGE_TAGS = ROOT + "imagetags/"
+ENDPOINTS = ROOT + "endpoints/"
 REPLICAS = ROOT + "replicas/"
 CONTAINERS = ROOT + "containers/"
 
@@ -67,6 +69,10 @@ def digest(value: str) -> str:
             f"image digest {value!r} is invalid: expected <algorithm>:<hex>, e.g. sha256:…"
         )
     return value
+
+
+def endpoints(node_name: str) -> str:
+    return ENDPOINTS + segment(node_name, what="node name")
 
 
 def node(name: str) -> str:

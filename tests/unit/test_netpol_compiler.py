@@ -600,3 +600,31 @@ def test_many_policies_compile_to_tables_per_endpoint(count: int) -> None:
     assert rule_count(compiled) == 3 * count
     assert explain(compiled, ip_of("y/a"), ip_of("x/a"), IPPROTO_TCP, 1000 + count - 1).allowed
     assert not explain(compiled, ip_of("y/a"), ip_of("x/a"), IPPROTO_TCP, 1000 + count).allowed
+
+
+def test_remote_endpoints_are_peers_but_not_enforced_here() -> None:
+    """Other hosts' containers get identities and ipcache entries, never tables."""
+    doc = policy(
+        "x",
+        "allow-b",
+        """\
+        podSelector: {matchLabels: {pod: a}}
+        ingress: [{from: [{podSelector: {matchLabels: {pod: b}}}]}]
+        """,
+    )
+    local = [endpoint("x/a")]
+    remote = [endpoint("x/b"), endpoint("x/c")]
+    compiled = compile_policy(
+        load(doc), local, NAMESPACE_LABELS, IdentityAllocator(), 1, remote=remote
+    )
+    assert set(compiled.endpoints) == {"x-a"}  # only this host's container is enforced
+    assert set(compiled.ipcache) == {ip_of("x/a"), ip_of("x/b"), ip_of("x/c")}
+    [rule] = compiled.endpoints["x-a"].ingress.rules
+    assert rule.identities == {compiled.ipcache[ip_of("x/b")]}  # the remote x/b is a peer
+    assert compiled.ipcache[ip_of("x/c")] not in rule.identities
+    # A local endpoint wins an address over a stale remote entry.
+    stale = Endpoint("n2/old", ip_of("x/a"), "x", {"pod": "b"}, "")
+    again = compile_policy(
+        load(doc), local, NAMESPACE_LABELS, IdentityAllocator(), 2, remote=[stale]
+    )
+    assert again.ipcache[ip_of("x/a")] == again.endpoints["x-a"].identity
