@@ -32,6 +32,7 @@ from agent.metrics import AgentMetrics
 from agent.netpol import wiring as policy_wiring
 from agent.netpol.agent_hook import PolicyListener
 from agent.netpol.engine import PolicyEngine
+from agent.netpol.namespaces import follow_namespace_labels
 from agent.sandbox.cgroups import SandboxCgroups
 from agent.sandbox.network import SandboxNetwork
 from agent.sandbox.runtime import SandboxRuntime
@@ -246,8 +247,13 @@ class Agent:
         if cluster is not None and policy is not None:  # selectors match other hosts' too
             cluster.on_remote_endpoints = policy.set_remote_endpoints
         policy_started: asyncio.Task[None] | None = None
+        namespace_labels: asyncio.Task[None] | None = None
         try:
             if policy is not None:
+                # Namespace labels (namespaceSelector) from the same store as the policies.
+                namespace_labels = loop.create_task(
+                    follow_namespace_labels(cluster.store if cluster else store, policy)
+                )
                 # Loading the programs (bcc compiles them) runs beside recovery; the first
                 # apply waits for endpoints_synced(): until then the kernel keeps what the
                 # previous agent enforced, so a restart never opens a window.
@@ -292,6 +298,10 @@ class Agent:
                 policy_started.cancel()
                 with contextlib.suppress(asyncio.CancelledError, errors.NovaError):
                     await policy_started
+            if namespace_labels is not None:
+                namespace_labels.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await namespace_labels
             if policy is not None:  # enforcement stays in the kernel for the next agent
                 await policy.close()  # before the cluster closes the store it follows
             if cluster is not None:
