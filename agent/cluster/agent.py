@@ -35,8 +35,9 @@ from agent.netpol.tables import Endpoint
 from agent.sandbox.network import SandboxNetwork
 from nova.errors import NovaError
 from nova.images import ImageCache, ImageRef, resolve
-from nova.store import Store, StoreError, keys
+from nova.store import KVEntry, Store, StoreError, keys
 from nova.store.consul import ConsulStore
+from nova.store.follow import follow_prefix
 
 log = logging.getLogger("nova.agent.cluster")
 
@@ -158,21 +159,11 @@ class ClusterAgent:
         segments' broadcasts; one that joins starts. Consul being down keeps
         the last list.
         """
-        assert self.network is not None
-        index = 0
-        backoff = Backoff()
-        while True:
-            try:
-                current, entries = await self.store.watch(keys.NODES, index, WATCH_WAIT)
-            except StoreError as exc:
-                self.health.failed("watch nodes", exc)
-                index = 0
-                await asyncio.sleep(backoff.next())
-                continue
-            backoff.reset()
-            if current == index:
-                continue
-            index = 0 if current < index else current
+        network = self.network
+        assert network is not None
+
+        async def changed(entries: list[KVEntry]) -> None:
+            self.health.ok()
             peers = set()
             for entry in entries:
                 try:
@@ -182,9 +173,16 @@ class ClusterAgent:
                 except (ValueError, AttributeError) as exc:
                     log.warning("ignoring node record %s: %s", entry.key, exc)
             try:
-                await self.network.set_peers(peers)
+                await network.set_peers(peers)
             except NovaError as exc:
                 log.error("cannot update the segments' peers: %s", exc)
+
+        await follow_prefix(
+            self.store,
+            keys.NODES,
+            changed,
+            on_error=lambda exc: self.health.failed("watch nodes", exc),
+        )
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"nova-cluster-{name}")

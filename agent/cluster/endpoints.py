@@ -22,11 +22,11 @@ from agent.cluster.health import Backoff
 from agent.netpol.tables import Endpoint
 from agent.records import ContainerRecord
 from nova.store import Store, StoreError, keys
+from nova.store.follow import follow_prefix
 
 log = logging.getLogger("nova.agent.cluster.endpoints")
 
 DEBOUNCE_S = 0.02
-WATCH_WAIT = 60.0
 
 
 class EndpointPublisher:
@@ -99,18 +99,4 @@ def parse_entries(node: str, entries: Iterable[Any]) -> list[Endpoint]:
 async def watch_remote(store: Store, node: str, apply: Callable[[list[Endpoint]], None]) -> None:
     """Feed `apply` every other node's endpoints on every change; the last set stays
     while Consul is down."""
-    index = 0
-    backoff = Backoff()
-    while True:
-        try:
-            current, entries = await store.watch(keys.ENDPOINTS, index, WATCH_WAIT)
-        except StoreError as exc:
-            log.warning("watch %s failed: %s", keys.ENDPOINTS, exc)
-            index = 0
-            await asyncio.sleep(backoff.next())
-            continue
-        backoff.reset()
-        if current == index:
-            continue
-        index = 0 if current < index else current
-        apply(parse_entries(node, entries))
+    await follow_prefix(store, keys.ENDPOINTS, lambda entries: apply(parse_entries(node, entries)))

@@ -8,17 +8,14 @@ Operators set it in the Consul UI or with any KV client, e.g.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 from agent.netpol.engine import PolicyEngine
-from nova.store import Store, StoreError, keys
+from nova.store import KVEntry, Store, keys
+from nova.store.follow import follow_prefix
 
 log = logging.getLogger("nova.agent.netpol")
-
-WATCH_WAIT = 60.0
-RETRY_S = 2.0
 
 
 def labels_of(value: Any) -> dict[str, str]:
@@ -31,19 +28,10 @@ def labels_of(value: Any) -> dict[str, str]:
 
 async def follow_namespace_labels(store: Store, engine: PolicyEngine) -> None:
     """Keep the engine's namespace labels equal to the records', until cancelled."""
-    index = 0
     known: dict[str, dict[str, str]] = {}
-    while True:
-        try:
-            current, entries = await store.watch(keys.NAMESPACES, index, WATCH_WAIT)
-        except StoreError as exc:
-            log.warning("watch %s failed: %s", keys.NAMESPACES, exc)
-            index = 0
-            await asyncio.sleep(RETRY_S)
-            continue
-        if current == index:
-            continue
-        index = 0 if current < index else current
+
+    def changed(entries: list[KVEntry]) -> None:
+        nonlocal known
         seen: dict[str, dict[str, str]] = {}
         for entry in entries:
             namespace = keys.split(entry.key, keys.NAMESPACES)[0]
@@ -57,3 +45,5 @@ async def follow_namespace_labels(store: Store, engine: PolicyEngine) -> None:
             if known.get(namespace) != labels:
                 engine.set_namespace_labels(namespace, labels)
         known = seen
+
+    await follow_prefix(store, keys.NAMESPACES, changed)
