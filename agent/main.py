@@ -220,6 +220,7 @@ class Agent:
             cgroups=cgroups,
             network=network,
             namespace_pool_size=self.args.namespace_pool_size,
+            namespace_pool_idle_s=network_flags.pool_idle_seconds(self.args),
         )
         metrics = AgentMetrics(runtime)
         manager = ContainerManager(

@@ -26,22 +26,41 @@ class SandboxCollector(Collector):
         self.runtime = runtime
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        pool = self.runtime.pool
-        if pool is not None:
-            yield CounterMetricFamily(
-                "nova_pool_hits",
-                "Starts that took a warm worker from the pool",
-                value=pool.stats.hits,
-            )
-            yield CounterMetricFamily(
-                "nova_pool_misses", "Starts that found the pool empty", value=pool.stats.misses
-            )
-            yield CounterMetricFamily(
+        # One series per warm pool: a Nova namespace's, or "-" for the host-network pool.
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "hits": CounterMetricFamily(
+                "nova_pool_hits", "Starts that took a warm worker from the pool",
+                labels=["namespace"],
+            ),
+            "misses": CounterMetricFamily(
+                "nova_pool_misses", "Starts that found the pool empty", labels=["namespace"]
+            ),
+            "failures": CounterMetricFamily(
                 "nova_pool_spawn_failures", "Workers the pool failed to fork",
-                value=pool.stats.spawn_failures,
-            )  # fmt: skip
-            yield GaugeMetricFamily("nova_pool_idle_workers", "Warm workers ready", value=pool.idle)
-            yield GaugeMetricFamily("nova_pool_target_size", "Warm pool target", value=pool.size)
+                labels=["namespace"],
+            ),
+            "idle": GaugeMetricFamily(
+                "nova_pool_idle_workers", "Warm workers ready", labels=["namespace"]
+            ),
+            "size": GaugeMetricFamily(
+                "nova_pool_target_size", "Warm pool target", labels=["namespace"]
+            ),
+        }  # fmt: skip
+        for namespace, pool in list(self.runtime.pools.items()):
+            label = [namespace or "-"]
+            families["hits"].add_metric(label, pool.stats.hits)
+            families["misses"].add_metric(label, pool.stats.misses)
+            families["failures"].add_metric(label, pool.stats.spawn_failures)
+            families["idle"].add_metric(label, pool.idle)
+            families["size"].add_metric(label, pool.size)
+        yield from families.values()
+        network = self.runtime.network
+        if network is not None:
+            yield GaugeMetricFamily(
+                "nova_network_sandboxes",
+                "Sandboxes with their own netns and address (running and warm)",
+                value=len(network.attachments()),
+            )
         stats = self.runtime.cache.stats
         hits = CounterMetricFamily(
             "nova_module_cache_hits", "Compiled-module cache hits", labels=["tier"]

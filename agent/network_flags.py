@@ -14,6 +14,7 @@ from ipaddress import IPv4Address
 from agent.sandbox.network import DEFAULT_NODE_CIDR, NetworkConfig, SandboxNetwork
 from nova import errors
 from nova.store import Store
+from nova.units import parse_duration
 
 log = logging.getLogger("nova.agent")
 
@@ -81,6 +82,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="warm sandboxes kept per Nova namespace other than 'default', made on its "
         "first start (default: 2; 'default' keeps --pool-size)",
     )
+    group.add_argument(
+        "--namespace-pool-idle",
+        metavar="DURATION",
+        default="5m",
+        help="drop a namespace's warm pool (and then its segment) after it started nothing "
+        "for this long (default: 5m)",
+    )
+
+
+def pool_idle_seconds(args: argparse.Namespace) -> float:
+    """--namespace-pool-idle in seconds; UsageError when malformed."""
+    return parse_duration(args.namespace_pool_idle, what="--namespace-pool-idle")
 
 
 def wants_network(args: argparse.Namespace, *, cgroups_on: bool) -> bool:

@@ -37,6 +37,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         "bench.http",
         "HTTP serving of a wasm container (WAGI): throughput and latency against its peers",
     ),
+    "isolation": Benchmark(
+        "bench.isolation",
+        "starts with cgroup + netns + veth per container (warm, cold) vs the raw kernel "
+        "floor; density",
+    ),
     "placement": Benchmark("bench.placement", "pure placement engine: 1M containers, 10k nodes"),
     "failover": Benchmark(
         "bench.failover",

@@ -36,7 +36,7 @@ from agent.cluster.assignments import parse_assignment
 from bench import common
 from bench.consul_dev import ConsulDev, free_port, proc_mib
 from bench.placement import synthetic_cluster
-from coordinator.placement import Op, Request, Snapshot
+from coordinator.placement import Request, Snapshot
 from nova.store import StoreError, TxnOp, encode_json, keys
 from nova.store.consul import ConsulStore
 
@@ -62,21 +62,11 @@ def _node_value(node: Any) -> bytes:
     )
 
 
-def deployment_specs(requests: list[Request]) -> tuple[list[dict[str, Any]], int]:
-    """Part (a)'s requests as deployment specs; (specs, constraints that were not `k=v`).
-
-    Deployment specs carry equality constraints only; part (a)'s one-of and
-    none-of constraints are dropped here (counted in the result).
-    """
+def deployment_specs(requests: list[Request]) -> list[dict[str, Any]]:
+    """Part (a)'s requests as deployment specs (constraints as expressions: the same workload)."""
     specs = []
-    dropped = 0
     for r in requests:
-        constraints = {}
-        for s in r.constraints:
-            if s.op is Op.IN and len(s.values) == 1:
-                constraints[s.key] = s.values[0]
-            else:
-                dropped += 1
+        constraints = [str(s) for s in r.constraints]
         digest = "sha256:" + hashlib.sha256(f"{r.namespace}/{r.name}".encode()).hexdigest()
         specs.append(
             {
@@ -95,7 +85,7 @@ def deployment_specs(requests: list[Request]) -> tuple[list[dict[str, Any]], int
                 "generation": 1,
             }
         )
-    return specs, dropped
+    return specs
 
 
 async def _gather_limited(coros: list[Any], limit: int) -> list[Any]:
@@ -198,10 +188,10 @@ def measure(  # noqa: PLR0917 (the benchmark's parameters)
     timing: tuple[str, str, str] = ("1s", "1.5s", "300ms"),
 ) -> dict[str, Any]:
     snapshot, requests = synthetic_cluster(nodes, containers, seed)
-    specs, dropped = deployment_specs(requests)
+    specs = deployment_specs(requests)
     with ConsulDev() as consul:
         result = asyncio.run(
-            _measure(consul, snapshot, specs, dropped, containers, strategy, fail_fraction, timing)
+            _measure(consul, snapshot, specs, containers, strategy, fail_fraction, timing)
         )
     result["coordinator_timing"] = dict(
         zip(("session_ttl", "check_ttl", "heartbeat"), timing, strict=True)
@@ -213,7 +203,6 @@ async def _measure(  # noqa: PLR0917 (one private call site)
     consul: ConsulDev,
     snapshot: Snapshot,
     specs: list[dict[str, Any]],
-    dropped: int,
     containers: int,
     strategy: str,
     fail_fraction: float,
@@ -263,7 +252,6 @@ async def _measure(  # noqa: PLR0917 (one private call site)
             "nodes": len(snapshot.nodes),
             "containers": containers,
             "deployments": len(specs),
-            "non_equality_constraints_dropped": dropped,
             "register_nodes_s": round(register_s, 2),
             "write_deployments_s": round(written_s, 3),
             "initial": {

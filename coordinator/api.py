@@ -3,7 +3,9 @@
     GET  /v1/status        leader (id, API, epoch = LockIndex), this coordinator's
                            role, nodes (health, capacity, assigned replicas),
                            deployments, and the leader's last placement pass
-    GET  /v1/placement     the leader's last placement pass alone (cheap to poll)
+    GET  /v1/placement     the leader's last placement pass alone (cheap to poll);
+                           ?counts=1 adds replicas per node (a standby's status asks
+                           the leader for them rather than reading every assignment)
     GET  /v1/deployments   every deployment spec
     POST /v1/deployments   create or update one (body: a deployment without
                            "generation"; without "digest", "image" NAME:TAG is
@@ -24,6 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from coordinator.leader import LeaderElection
@@ -39,6 +42,7 @@ STORE = web.AppKey("store", Store)
 ELECTION = web.AppKey("election", LeaderElection)
 PLACER = web.AppKey("placer", Placer)
 
+LEADER_TIMEOUT = 2.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -68,6 +72,33 @@ def _count_containers(entry: KVEntry) -> int:
     return len(containers) if isinstance(containers, dict) else 0
 
 
+async def _leader_counts(leader_entry: KVEntry | None) -> dict[str, int] | None:
+    """Replicas per node from the leader's memory (None if it does not answer in time)."""
+    if leader_entry is None or leader_entry.session is None:
+        return None
+    try:
+        api = leader_entry.json().get("api")
+        timeout = aiohttp.ClientTimeout(total=LEADER_TIMEOUT)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"{api}/v1/placement", params={"counts": "1"}) as response,
+        ):
+            body = await response.json()
+        counts = body.get("counts")
+        if isinstance(counts, dict):
+            return {str(k): int(v) for k, v in counts.items()}
+    except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError, TypeError):
+        pass
+    return None
+
+
+async def _stored_counts(store: Store) -> dict[str, int]:
+    return {
+        keys.split(e.key, keys.ASSIGNMENTS)[0]: _count_containers(e)
+        for e in await store.list(keys.ASSIGNMENTS)
+    }
+
+
 async def status(request: web.Request) -> web.Response:
     store, election, placer = request.app[STORE], request.app[ELECTION], request.app[PLACER]
     leader_entry, node_entries, spec_keys = await asyncio.gather(
@@ -76,10 +107,7 @@ async def status(request: web.Request) -> web.Response:
     if election.acting and placer.last is not None:
         assigned = placer.counts()  # the leader knows; at 1M replicas reading them is costly
     else:
-        assigned = {
-            keys.split(e.key, keys.ASSIGNMENTS)[0]: _count_containers(e)
-            for e in await store.list(keys.ASSIGNMENTS)
-        }
+        assigned = await _leader_counts(leader_entry) or await _stored_counts(store)
     nodes = []
     for entry in node_entries:
         name = keys.split(entry.key, keys.NODES)[0]
@@ -117,10 +145,12 @@ async def status(request: web.Request) -> web.Response:
 
 async def placement(request: web.Request) -> web.Response:
     election, placer = request.app[ELECTION], request.app[PLACER]
-    last = placer.last.to_json() if placer.last and election.acting else None
-    return web.json_response(
-        {"coordinator": election.id, "acting": election.acting, "last_pass": last}
-    )
+    acting = election.acting
+    last = placer.last.to_json() if placer.last and acting else None
+    body: dict[str, Any] = {"coordinator": election.id, "acting": acting, "last_pass": last}
+    if acting and placer.last is not None and request.query.get("counts"):
+        body["counts"] = placer.counts()  # standbys answer `nova status` with these
+    return web.json_response(body)
 
 
 async def list_deployments(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ import uvloop
 from aiohttp import web
 
 from coordinator.api import make_app
-from coordinator.leader import LeaderElection
+from coordinator.leader import LeaderElection, NotLeader
 from coordinator.lease import LeaseTiming, TimingError
 from coordinator.placement import Strategy
 from coordinator.placer import Placer, cancel
@@ -191,8 +191,10 @@ async def serve(args: argparse.Namespace, timing: LeaseTiming) -> None:
             await asyncio.wait({deposed, stopping, loops}, return_when=asyncio.FIRST_COMPLETED)
             deposed.cancel()
             await cancel(loops)
-            if loops.done() and not loops.cancelled() and loops.exception() is not None:
-                log.warning("placement loop ended: %s", loops.exception())
+            failure = loops.exception() if loops.done() and not loops.cancelled() else None
+            if failure is not None and not isinstance(failure, NotLeader):
+                log.warning("placement loop ended (restarting in 1 s): %r", failure)
+                await asyncio.sleep(1.0)  # a fault that repeats must not spin
     finally:
         await cancel(election_task)  # resigns: the standby takes over at once
         await runner.cleanup()

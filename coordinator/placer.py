@@ -4,7 +4,8 @@ It runs only while this coordinator acts as the leader (main.py cancels it
 when the lease or the key is lost). On start it adopts the assignments in
 the store (what the previous leader wrote), so a failover moves nothing.
 Then, on every change under `nova/v1/nodes/` or `nova/v1/deployments/`
-(blocking queries), one pass:
+(blocking queries; changes gather for 50 ms, or a twentieth of the last
+pass's time up to 1 s), one pass:
 
   1. read the nodes (healthy = an agent session holds the key) and specs;
   2. `place()` the specs' replicas over the kept placements (in a thread:
@@ -28,7 +29,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.leader import LeaderElection, NotLeader
-from coordinator.placement import Node, Placement, Resources, Snapshot, Strategy, place
+from coordinator.placement import (
+    Node,
+    Placement,
+    QuotaCheck,
+    ReplicaId,
+    Resources,
+    Snapshot,
+    Strategy,
+    place,
+)
 from coordinator.state import (
     AssignmentEncoder,
     DeploymentSpec,
@@ -44,6 +54,7 @@ MAX_TXN_PAYLOAD = 400 * 1024  # of Consul's 512 KiB txn_max_req_len, with room f
 EMPTY_BODY = b'{"containers":{}'
 UNKNOWN_BODY = b""  # never equal to an encoded body
 WATCH_WAIT = 30.0
+MAX_SETTLE = 1.0
 
 
 @dataclass
@@ -56,6 +67,7 @@ class PassReport:
     deployments: int = 0
     replicas: int = 0
     unplaced: int = 0
+    unplaced_by_reason: dict[str, int] = field(default_factory=dict)
     moved: int = 0
     written: int = 0
     txns: int = 0
@@ -70,10 +82,19 @@ class PassReport:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """What the last pass encoded: the bodies' replicas per node, and each spec's fragment."""
+
+    by_node: dict[str, list[ReplicaId]]
+    heads: dict[tuple[str, str], bytes]
+
+
 @dataclass
 class _Plan:
     report: PassReport
     bodies: dict[str, bytes]
+    encoded: Encoded
     placements: list[Placement]
     changed: dict[str, bytes | None]  # None: delete the key (the node is gone)
 
@@ -88,6 +109,7 @@ class Placer:
         *,
         strategy: Strategy | str = Strategy.LEAST_LOADED,
         overcommit: float = 1.0,
+        quota: QuotaCheck | None = None,
         batch_ops: int = 63,
         concurrency: int = 2,
         debounce: float = 0.05,
@@ -100,6 +122,7 @@ class Placer:
         self.election = election
         self.strategy = Strategy(strategy)
         self.overcommit = overcommit
+        self.quota = quota  # tenant quotas plug in here (the quota model comes later)
         self.batch_ops = batch_ops
         self.concurrency = concurrency
         self.debounce = debounce
@@ -107,6 +130,7 @@ class Placer:
         self.placements: list[Placement] = []
         self.last: PassReport | None = None
         self.epoch: int | None = None  # the term whose writes `bodies` reflects
+        self.encoded: Encoded | None = None  # None: encode every node on the next pass
         self._dirty = asyncio.Event()
 
     async def run(self, epoch: int) -> None:
@@ -126,7 +150,7 @@ class Placer:
             self._dirty.set()
             while True:
                 await self._dirty.wait()
-                await asyncio.sleep(self.debounce)  # let a burst of changes land
+                await asyncio.sleep(self._settle_time())  # let a burst of changes land
                 self._dirty.clear()
                 try:
                     await self.run_pass(epoch)
@@ -141,6 +165,15 @@ class Placer:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
 
+    def _settle_time(self) -> float:
+        """How long to let changes gather before a pass: `debounce`, or longer when
+        passes are expensive (a 15 s pass at a million replicas should not start on
+        the first of a hundred node failures), at most MAX_SETTLE."""
+        if self.last is None:
+            return self.debounce
+        took = self.last.place_s + self.last.write_s
+        return min(max(self.debounce, took / 20), MAX_SETTLE)
+
     async def adopt(self) -> None:
         """Take the stored assignments as the current placement."""
         bodies: dict[str, bytes] = {}
@@ -153,7 +186,7 @@ class Placer:
                 continue
             bodies[node] = body
             placements.extend(held)
-        self.bodies, self.placements = bodies, placements
+        self.bodies, self.placements, self.encoded = bodies, placements, None
 
     async def _watch(self, prefix: str) -> None:
         index = 0
@@ -175,8 +208,9 @@ class Placer:
             self.store.list(keys.NODES), self.store.list(keys.DEPLOYMENTS)
         )
         plan = await asyncio.to_thread(
-            self._plan, epoch, node_entries, spec_entries, self.bodies, self.placements
-        )
+            self._plan, epoch, node_entries, spec_entries,
+            bodies=self.bodies, placements=self.placements, previous=self.encoded,
+        )  # fmt: skip
         started = time.monotonic()
         try:
             written, txns = await self._write(plan.changed, epoch)
@@ -189,7 +223,7 @@ class Placer:
         plan.report.written, plan.report.txns = written, txns
         plan.report.write_s = round(time.monotonic() - started, 3)
         plan.report.finished_at = time.time()
-        self.bodies, self.placements = plan.bodies, plan.placements
+        self.bodies, self.placements, self.encoded = plan.bodies, plan.placements, plan.encoded
         self.last = plan.report
         if written:
             log.info(
@@ -198,13 +232,44 @@ class Placer:
             )  # fmt: skip
         return plan.report
 
+    @staticmethod
+    def _encode(
+        encoder: AssignmentEncoder,
+        by_node: Mapping[str, list[ReplicaId]],
+        bodies: Mapping[str, bytes],
+        previous: Encoded | None,
+    ) -> dict[str, bytes]:
+        """Every node's body; a node whose replicas and their specs are unchanged keeps its own.
+
+        (Encoding a million replicas is most of a pass; a reschedule changes few nodes.)
+        """
+        if previous is None:
+            return {node: encoder.body(reps) for node, reps in by_node.items()}
+        changed_specs = {k for k, head in encoder.heads.items() if previous.heads.get(k) != head}
+        out = {}
+        for node, reps in by_node.items():
+            body = bodies.get(node)
+            if (
+                body
+                and previous.by_node.get(node) == reps
+                and not (
+                    changed_specs and any((r.namespace, r.name) in changed_specs for r in reps)
+                )
+            ):
+                out[node] = body
+            else:
+                out[node] = encoder.body(reps)
+        return out
+
     def _plan(
         self,
         epoch: int,
         node_entries: list[KVEntry],
         spec_entries: list[KVEntry],
+        *,
         bodies: Mapping[str, bytes],
         placements: list[Placement],
+        previous: Encoded | None,
     ) -> _Plan:
         started = time.monotonic()
         report = PassReport(epoch)
@@ -229,9 +294,11 @@ class Placer:
             [s.request() for s in specs.values()],
             strategy=self.strategy,
             overcommit=self.overcommit,
+            quota=self.quota,
         )
         encoder = AssignmentEncoder(specs.values())
-        new_bodies = {node: encoder.body(reps) for node, reps in result.by_node().items()}
+        by_node = result.by_node()
+        new_bodies = self._encode(encoder, by_node, bodies, previous)
         present = {n.name for n in nodes}
         changed: dict[str, bytes | None] = {}
         for node, body in new_bodies.items():
@@ -251,11 +318,17 @@ class Placer:
         report.deployments = len(specs)
         report.replicas = len(result.decisions)
         report.unplaced = result.unplaced_count
+        for u in result.unplaced:
+            reason = str(u.reason)
+            report.unplaced_by_reason[reason] = report.unplaced_by_reason.get(reason, 0) + len(
+                u.indices
+            )
         report.moved = sum(d.is_moved for d in result.decisions)
         report.place_s = round(time.monotonic() - started, 3)
         return _Plan(
             report,
             new_bodies,
+            Encoded(by_node, encoder.heads),
             [
                 Placement(d.replica, d.node, size[(d.replica.namespace, d.replica.name)])
                 for d in result.decisions

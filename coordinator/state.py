@@ -9,12 +9,21 @@ and docs/operations.md.
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.placement import Node, Placement, ReplicaId, Request, Resources, Selector
+from coordinator.placement import (
+    Node,
+    Op,
+    Placement,
+    PlacementInputError,
+    ReplicaId,
+    Request,
+    Resources,
+    Selector,
+)
 from nova.store import KVEntry, encode_json, keys
 
 _EPOCH_SEP = b',"epoch":'
@@ -61,6 +70,57 @@ def node_of(entry: KVEntry) -> Node:
     )
 
 
+_SET = re.compile(r"^\s*([^\s!=()]+)\s+(in|notin)\s*\(([^()]*)\)\s*$")
+
+
+def parse_selector(text: str) -> Selector:
+    """A constraint on node labels, as users write it (Kubernetes' selector syntax):
+
+        zone=a   zone!=a   zone in (a,b)   zone notin (a,b)   gpu   !gpu
+
+    RecordError naming the expression when it is none of these.
+    """
+    if not isinstance(text, str):
+        raise RecordError(f"constraint {text!r} must be a string")
+    try:
+        if match := _SET.match(text):
+            key, op, values = match.groups()
+            items = [v.strip() for v in values.split(",") if v.strip()]
+            return Selector(key, Op.IN if op == "in" else Op.NOT_IN, tuple(items))
+        stripped = text.strip()
+        if "!=" in stripped:
+            key, value = (part.strip() for part in stripped.split("!=", 1))
+            return Selector.none_of(key, value)
+        if "=" in stripped:
+            key, value = (part.strip() for part in stripped.split("=", 1))
+            return Selector.equals(key, value.removeprefix("="))
+        if stripped.startswith("!"):
+            return Selector.absent(stripped[1:].strip())
+        if stripped and not any(c in stripped for c in " ()"):
+            return Selector.exists(stripped)
+    except PlacementInputError as exc:
+        raise RecordError(f"constraint {text!r}: {exc}") from None
+    raise RecordError(
+        f"constraint {text!r} is not one of: LABEL=VALUE, LABEL!=VALUE, LABEL in (A,B), "
+        "LABEL notin (A,B), LABEL, !LABEL"
+    )
+
+
+def _constraints(value: Any, where: str) -> tuple[str, ...]:
+    """Constraints as a list of expressions, or a mapping (each LABEL: VALUE an equality)."""
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        value = [f"{k}={v}" for k, v in value.items()]
+    if not isinstance(value, list):
+        raise RecordError(f"{where}: constraints must be a list of expressions or a mapping")
+    try:
+        selectors = sorted({parse_selector(item) for item in value})
+    except RecordError as exc:
+        raise RecordError(f"{where}: {exc}") from None
+    return tuple(str(s) for s in selectors)
+
+
 @dataclass(frozen=True, slots=True)
 class DeploymentSpec:
     """`nova/v1/deployments/<ns>/<name>`: what `nova deploy` asked for."""
@@ -73,7 +133,7 @@ class DeploymentSpec:
     cpu_millicores: int
     memory_bytes: int
     labels: dict[str, str] = field(default_factory=dict)
-    constraints: dict[str, str] = field(default_factory=dict)
+    constraints: tuple[str, ...] = ()  # node-label expressions, canonical (see parse_selector)
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     spread: str | None = None  # a node label (e.g. "zone") to spread replicas across
@@ -110,7 +170,7 @@ class DeploymentSpec:
             cpu_millicores=_int(value, "cpu_millicores", where),
             memory_bytes=_int(value, "memory_bytes", where),
             labels=_str_map(value, "labels", where),
-            constraints=_str_map(value, "constraints", where),
+            constraints=_constraints(value.get("constraints"), where),
             args=list(args),
             env=_str_map(value, "env", where),
             spread=spread,
@@ -127,7 +187,7 @@ class DeploymentSpec:
             "cpu_millicores": self.cpu_millicores,
             "memory_bytes": self.memory_bytes,
             "labels": self.labels,
-            "constraints": self.constraints,
+            "constraints": list(self.constraints),
             "args": self.args,
             "env": self.env,
             "spread": self.spread,
@@ -144,7 +204,7 @@ class DeploymentSpec:
             self.name,
             self.replicas,
             Resources(self.cpu_millicores, self.memory_bytes),
-            tuple(Selector.equals(k, v) for k, v in sorted(self.constraints.items())),
+            tuple(parse_selector(c) for c in self.constraints),
             self.spread,
         )
 
@@ -161,13 +221,17 @@ def replica_id(namespace: str, deployment: str, index: int) -> str:
 class AssignmentEncoder:
     """Assignment values, built from per-deployment fragments (1M replicas: no dict each).
 
-    The value is `{"containers": {<replica id>: {...}}, "epoch": N}` with
-    every object's keys sorted, as `encode_json` would write it; `body()` is
-    the part before the epoch, which is what decides whether a key changed.
+    The value is `{"containers": {<replica id>: {...}}, "epoch": N}`: each
+    container object with its keys sorted, the containers in the order given
+    (placement's: namespace, deployment, index), so equal placements give
+    equal bytes. `body()` is the part before the epoch, which is what decides
+    whether a key changed. Namespaces and deployment names are validated path
+    segments (letters, digits, '.', '_', '-'), so replica ids need no escaping.
     """
 
     def __init__(self, specs: Iterable[DeploymentSpec]) -> None:
-        self._heads: dict[tuple[str, str], bytes] = {}
+        self.heads: dict[tuple[str, str], bytes] = {}
+        self._prefixes: dict[tuple[str, str], bytes] = {}
         for spec in specs:
             entry = {
                 "args": spec.args,
@@ -182,15 +246,17 @@ class AssignmentEncoder:
                 "replica": 0,  # sorted last: cut off and written per replica
             }
             encoded = encode_json(entry)
-            self._heads[(spec.namespace, spec.name)] = encoded[: encoded.rindex(b'"replica":')]
+            key = (spec.namespace, spec.name)
+            self.heads[key] = encoded[: encoded.rindex(b'"replica":')]
+            self._prefixes[key] = b'"' + replica_id(spec.namespace, spec.name, 0)[:-1].encode()
 
     def body(self, replicas: Iterable[ReplicaId]) -> bytes:
-        parts = []
-        for r in replicas:
-            rid = json.dumps(replica_id(r.namespace, r.name, r.index), ensure_ascii=False)
-            parts.append(
-                b'%s:%s"replica":%d}' % (rid.encode(), self._heads[(r.namespace, r.name)], r.index)
-            )
+        heads, prefixes = self.heads, self._prefixes
+        parts = [
+            b'%s%d":%s"replica":%d}'
+            % (prefixes[(r.namespace, r.name)], r.index, heads[(r.namespace, r.name)], r.index)
+            for r in replicas
+        ]
         return b'{"containers":{' + b",".join(parts) + b"}"
 
     @staticmethod

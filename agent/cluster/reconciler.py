@@ -28,6 +28,7 @@ from agent.cluster.assignments import Assignment, Desired, Running, plan
 from agent.cluster.status import StatusReporter
 from agent.containers import ContainerManager, NotFound
 from agent.records import RUNNING, ContainerRecord
+from agent.sandbox.spec import DEFAULT_NAMESPACE
 from nova import errors
 from nova.images import ImageCache
 from nova.store import Store, keys
@@ -304,6 +305,8 @@ def _create_body(want: Desired, module_path: str) -> dict[str, Any]:
         "name": want.replica_id,
         "argv": [want.deployment, *want.args],
         "env": dict(want.env),
+        "namespace": want.namespace or DEFAULT_NAMESPACE,  # its netns joins that segment
+        "labels": dict(want.labels),  # network policy selects replicas by them
     }
     if want.memory_bytes:
         body["memory"] = want.memory_bytes

@@ -116,6 +116,7 @@ class SandboxRuntime:
         cgroups: SandboxCgroups | None = None,
         network: SandboxNetwork | None = None,
         namespace_pool_size: int = 2,
+        namespace_pool_idle_s: float = 300.0,
     ) -> None:
         if network is not None and not use_zygote:
             raise ValueError("per-container networks need the zygote (workers join at fork)")
@@ -125,6 +126,8 @@ class SandboxRuntime:
         self.network = network
         self.pool_size = pool_size
         self.namespace_pool_size = namespace_pool_size
+        self.namespace_pool_idle_s = namespace_pool_idle_s
+        self._reaper: asyncio.Task[None] | None = None
         cgroup_root = cgroups.root_name if cgroups is not None else None
         self.zygote = Zygote(cgroup_root=cgroup_root) if use_zygote else None
         # Pools by Nova namespace (with a network), or the one host-network pool (None).
@@ -143,8 +146,14 @@ class SandboxRuntime:
                     log.error("warm pool: cannot fill it now (%s); retrying in the background", exc)
             self.pool.start()
             self._started = True
+            if self.network is not None:
+                self._reaper = asyncio.create_task(self._reap_idle_pools(), name="nova-pool-reaper")
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         if self.zygote is not None:
             await self.zygote.close()
@@ -182,6 +191,32 @@ class SandboxRuntime:
             if self._started:
                 pool.start()  # refills in the background; this claim is a miss
         return pool
+
+    async def drop_idle_pools(self, idle_s: float) -> list[str]:
+        """Close the pools of namespaces (not 'default') that started nothing for `idle_s`;
+        their sandboxes go, and their segments once no container of theirs runs here."""
+        now = time.monotonic()
+        dropped = [
+            ns
+            for ns, pool in self.pools.items()
+            if ns not in (None, DEFAULT_NAMESPACE) and now - pool.last_claim >= idle_s
+        ]
+        for ns in dropped:
+            pool = self.pools.pop(ns)
+            await pool.close()
+            log.info("namespace %s: no start for %.0fs, its warm pool is gone", ns, idle_s)
+        if dropped and self.network is not None:
+            await self.network.prune()
+        return [ns for ns in dropped if ns is not None]
+
+    async def _reap_idle_pools(self) -> None:
+        period = max(1.0, min(60.0, self.namespace_pool_idle_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.drop_idle_pools(self.namespace_pool_idle_s)
+            except Exception as exc:  # the loop must survive; the next round retries
+                log.warning("cannot drop idle namespace pools: %s", exc)
 
     async def resolve(self, path: str) -> CachedModule:
         """Validate and compile (once) the module at `path`; make it hot in the pool."""

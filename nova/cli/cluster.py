@@ -47,7 +47,7 @@ Give the deployment with flags, or as a Deployment file (-f):
     image: web:1.0            # NAME:TAG (resolved now) or sha256:…
     replicas: 3
     resources: {cpu: 250m, memory: 64Mi}
-    constraints: {zone: a}    # node labels that must match
+    constraints: ["zone in (a,b)", "disk=ssd", "!gpu"]   # node labels (or {zone: a})
     spread: zone              # spread replicas across this node label
     args: ["--verbose"]
     env: {LOG: debug}
@@ -56,7 +56,8 @@ Give the deployment with flags, or as a Deployment file (-f):
 DEPLOY_EPILOG = """\
 examples:
   nova deploy web --image web:1.0 --replicas 3 --cpu 250m --memory 64Mi
-  nova deploy batch --image myapp:latest --replicas 1000 --constraint disk=ssd
+  nova deploy batch --image myapp:latest --replicas 1000 --constraint disk=ssd \
+      --constraint 'zone in (a,b)' --spread zone
   nova deploy -f web.yaml
   nova deploy web --delete
 
@@ -92,8 +93,9 @@ def add_parsers(commands: Any) -> None:
     deploy.add_argument("--cpu", help="CPU per replica, e.g. 250m (default 100m)")
     deploy.add_argument("--memory", help="memory per replica, e.g. 64Mi (default 64Mi)")
     deploy.add_argument(
-        "--constraint", action="append", default=[], metavar="LABEL=VALUE",
-        help="run only on nodes with this label (repeatable)",
+        "--constraint", action="append", default=[], metavar="EXPR",
+        help="run only on nodes whose labels match: LABEL=VALUE, LABEL!=VALUE, "
+        "'LABEL in (A,B)', 'LABEL notin (A,B)', LABEL, !LABEL (repeatable)",
     )  # fmt: skip
     deploy.add_argument("--spread", metavar="LABEL", help="spread replicas across this label")
     deploy.add_argument(
@@ -181,9 +183,13 @@ def format_status(body: dict[str, Any]) -> str:
     )
     last = body.get("last_pass")
     if last:
+        why = ", ".join(
+            f"{n} {r}" for r, n in sorted((last.get("unplaced_by_reason") or {}).items())
+        )
         lines.append(
-            f"last pass:    {last['replicas']} replicas, {last['unplaced']} unplaced, "
-            f"{last['moved']} moved, {last['written']} assignments written"
+            f"last pass:    {last['replicas']} replicas, {last['unplaced']} unplaced"
+            + (f" ({why})" if why else "")
+            + f", {last['moved']} moved, {last['written']} assignments written"
         )
     if nodes:
         lines.append("")
@@ -282,7 +288,7 @@ def _apply_flags(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     if args.memory:
         out["memory_bytes"] = parse_size(args.memory, what="--memory")
     if args.constraint:
-        out["constraints"] = _pairs(args.constraint, "--constraint")
+        out["constraints"] = list(args.constraint)
     if args.spread:
         out["spread"] = args.spread
     if args.label:
@@ -345,9 +351,13 @@ def deployment_from_doc(doc: Any, where: str) -> dict[str, Any]:
         out["cpu_millicores"] = parse_millicores(str(resources["cpu"]))
     if resources.get("memory") is not None:
         out["memory_bytes"] = parse_size(str(resources["memory"]), what="spec.resources.memory")
-    for field in ("constraints", "env"):
-        if spec.get(field) is not None:
-            out[field] = _str_map(spec[field], f"{where}: spec.{field}")
+    if spec.get("env") is not None:
+        out["env"] = _str_map(spec["env"], f"{where}: spec.env")
+    constraints = spec.get("constraints")
+    if isinstance(constraints, list):
+        out["constraints"] = [str(c) for c in constraints]
+    elif constraints is not None:
+        out["constraints"] = _str_map(constraints, f"{where}: spec.constraints")
     if spec.get("spread") is not None:
         out["spread"] = str(spec["spread"])
     if spec.get("args") is not None:

@@ -10,7 +10,9 @@ process cannot remove the cgroup it sits in, nor report its own OOM kill,
 so `nova run` then forks first, before it has any threads: the child is the
 worker (its prepare hook makes the cgroup with the run's limits and joins it
 before guest code runs), and the parent stays outside as its supervisor. The
-parent waits, reads the cgroup's usage, tells an OOM kill from other deaths,
+child first enters the container's own netns (made by the parent before the
+fork, on its namespace's segment, as the agent does: daemonless_network.py).
+The parent waits, reads the cgroup's usage, tells an OOM kill from other deaths,
 records how the container ended, removes the cgroup and exits with the
 container's code. The worker dies with its supervisor (PR_SET_PDEATHSIG).
 """
@@ -31,12 +33,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
+from agent.isolation.nsjoin import join_netns
 from agent.records import EXITED, ContainerRecord, pid_start_ticks
 from agent.sandbox import worker
 from agent.sandbox.cache import ModuleCache
 from agent.sandbox.cgroups import PrepareHook, SandboxCgroups, new_sandbox_id
 from agent.sandbox.spec import ExitReason, ExitStatus, Isolation, RunSpec
 from nova import errors, paths
+from nova.cli import daemonless_network
 from nova.store import StoreError, keys, open_store
 
 PR_SET_PDEATHSIG = 1
@@ -90,7 +94,13 @@ class Finisher(Protocol):
     def ended(self, record: ContainerRecord, status: ExitStatus) -> int: ...
 
 
-def _run(spec: RunSpec, finisher: Finisher) -> int:
+def _run(
+    spec: RunSpec,
+    finisher: Finisher,
+    *,
+    listen_fd: int | None = None,
+    network: dict[str, Any] | None = None,
+) -> int:
     """Resolve, record and execute the container in this process (the worker)."""
     cache = ModuleCache(str(paths.cache_dir()))
     module = cache.resolve(spec.module_path)
@@ -108,6 +118,7 @@ def _run(spec: RunSpec, finisher: Finisher) -> int:
         spec=spec,
         pid=os.getpid(),
         pid_start_ticks=pid_start_ticks(os.getpid()),
+        network=network,
     )
     _save(record)
     finisher.started(record)
@@ -119,7 +130,7 @@ def _run(spec: RunSpec, finisher: Finisher) -> int:
 
         print(f"nova: serving {spec.module_path} on http://{spec.http_host}:{spec.http_port}/ "
               "(Ctrl-C to stop)", file=sys.stderr)  # fmt: skip
-        status = wagi.serve(spec, table)
+        status = wagi.serve(spec, table, listen_fd=listen_fd)
     else:
         status = _execute(spec, table, lambda status: finisher.ended(record, status))
     return finisher.ended(record, status)
@@ -159,7 +170,21 @@ class _ReportToSupervisor:
 
 
 def _supervise(spec: RunSpec, cgroups: SandboxCgroups, request_ns: int) -> int:
-    """Fork the worker into the container's cgroup; wait for it outside; finish the run."""
+    """Fork the worker into the container's cgroup and netns; wait outside; finish the run."""
+    network = daemonless_network.attach(spec)  # before the fork: it leaves no thread behind
+    try:
+        return _supervise_in(spec, cgroups, request_ns, network)
+    finally:
+        network.close_fds()
+        daemonless_network.detach(spec.id)
+
+
+def _supervise_in(
+    spec: RunSpec,
+    cgroups: SandboxCgroups,
+    request_ns: int,
+    network: daemonless_network.DaemonlessNetwork,
+) -> int:
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -167,7 +192,7 @@ def _supervise(spec: RunSpec, cgroups: SandboxCgroups, request_ns: int) -> int:
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
-        os._exit(_worker_child(spec, cgroups, write_end, parent))
+        os._exit(_worker_child(spec, cgroups, write_end, parent, network))
     os.close(write_end)
     pidfd = os.pidfd_open(pid)
     interrupted = False
@@ -251,13 +276,22 @@ def _status_of(
     )
 
 
-def _worker_child(spec: RunSpec, cgroups: SandboxCgroups, report_fd: int, parent: int) -> int:
-    """The forked worker: dies with its supervisor, joins the cgroup in its prepare hook."""
+def _worker_child(
+    spec: RunSpec,
+    cgroups: SandboxCgroups,
+    report_fd: int,
+    parent: int,
+    network: daemonless_network.DaemonlessNetwork,
+) -> int:
+    """The forked worker: dies with its supervisor, enters its netns, joins the cgroup
+    in its prepare hook."""
     report = _ReportToSupervisor(report_fd)
     try:
         _die_with_parent(parent)
+        join_netns(network.netns_fd)
         worker.PREPARE_HOOKS.append(PrepareHook(cgroups.cgroups, create=True))
-        code = _run(spec, report)
+        listen_fd = network.listener.fileno() if network.listener is not None else None
+        code = _run(spec, report, listen_fd=listen_fd, network=network.attachment.to_json())
     except errors.NovaError as exc:
         report.send({"error": {"message": exc.message, "exit_code": exc.exit_code}})
         code = exc.exit_code

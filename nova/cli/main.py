@@ -61,6 +61,14 @@ memory (--memory plus 64Mi for the worker process), --cpu and --pids limits
 hold for the whole worker, and the kernel's OOM killer ends it (OOMKilled,
 exit 137) if it goes past them. Other users run without cgroups; --cpu and
 --pids then print a notice and are not enforced.
+
+As root (agent or daemonless), every container also gets a network namespace
+of its own on its --namespace's segment, with an address of the node's CIDR
+(`nova ps --json` shows it): containers of one namespace reach each other,
+containers of different namespaces cannot exchange a single packet. A --port
+is published on the host as well. --isolation none (unsafe) runs the plain
+sandbox, sharing the host's network. A daemonless run as root gets its own
+netns too.
 """
 
 RUN_EPILOG = """\

@@ -111,6 +111,9 @@ def test_status_deploy_and_a_takeover_that_moves_nothing(
         assert all(d.args == ("60",) and d.cpu_millicores == 500 for d in parsed.replicas.values())
     before = placed(private_consul)
     assert nova("status", "--coordinator", first.url).stdout.count("healthy  127.0.0.1") == 3
+    standby_view = status(second)  # the standby asks the leader for the per-node counts
+    assert standby_view["replicas_assigned"] == 6
+    assert {n["node"]: n["assigned"] for n in standby_view["nodes"]} == per_node(private_consul)
 
     first.end(signal.SIGKILL)
     killed = time.monotonic()
@@ -155,7 +158,11 @@ def test_capacity_constraints_spread_and_files(
                   "--constraint", "disk=ssd")  # fmt: skip
     assert done.returncode == 0, done.stderr
     last = settled(leader, 3)
-    assert last["unplaced"] == 1
+    assert (last["unplaced"], last["unplaced_by_reason"]) == (1, {"insufficient-resources": 1})
+    assert (
+        "1 unplaced (1 insufficient-resources)"
+        in nova("status", "--coordinator", leader.url).stdout
+    )
     assert set(placed(private_consul).values()) == {"small-ssd"}
     assert per_node(private_consul) == {"small-ssd": 2}
 
@@ -165,7 +172,8 @@ def test_capacity_constraints_spread_and_files(
         "apiVersion: nova.sh/v1\nkind: Deployment\n"
         "metadata: {name: web, namespace: team-a, labels: {app: web}}\n"
         "spec:\n  image: sleep:1\n  replicas: 2\n  resources: {cpu: 1, memory: 32Mi}\n"
-        "  constraints: {disk: hdd}\n  spread: zone\n  args: ['60']\n  env: {MODE: test}\n"
+        "  constraints: ['disk notin (ssd)']\n  spread: zone\n  args: ['60']\n"
+        "  env: {MODE: test}\n"
     )
     done = deploy([leader], "-f", spec)
     assert done.returncode == 0, done.stderr

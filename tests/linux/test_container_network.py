@@ -45,7 +45,7 @@ from tests.unit.test_agent import (  # noqa: F401 (start_agent is a fixture used
     start_agent,
     wait_for,
 )
-from tests.unit.test_cli import nova
+from tests.unit.test_cli import NOVA, nova
 
 pytestmark = [
     pytest.mark.root,
@@ -431,3 +431,53 @@ def test_two_agents_on_two_hosts_share_a_segment_over_vxlan(
             remove_cgroup_root(root)
     left = network_leftovers(NetworkUnderTest(cluster, range(0)))
     assert left["netns"] == [], left
+
+
+def test_a_daemonless_run_gets_its_netns_on_the_same_segment(
+    start_agent: StartAgent, examples: Path
+) -> None:
+    start_agent()
+    port, own_port = free_port(), free_port()
+    web = run_web("web", port, examples)
+    before = set(leftovers()["netns"])
+    daemonless = subprocess.Popen(
+        [*NOVA, "run", "--no-agent", "--port", str(own_port), examples / "http-hello.wasm"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for("the daemonless run's netns", lambda: bool(set(leftovers()["netns"]) - before), 20)
+        [netns] = set(leftovers()["netns"]) - before
+        ip = in_netns(netns, "ip", "-4", "-o", "addr", "show", "dev", "eth0").split()[3]
+        assert IPv4Address(ip.split("/")[0]) in node_cidr()
+        wait_for(
+            "the daemonless server",
+            lambda: http_from(netns, "127.0.0.1", own_port, 0.5) == "hello from nova",
+        )
+        # The agent's container and the daemonless one share the default segment...
+        assert http_from(web["network"]["netns"], ip.split("/")[0], own_port) == "hello from nova"
+        assert http_from(netns, web["ip"], port) == "hello from nova"
+        # ...and the published port answers on the host.
+        probe = subprocess.run(
+            [sys.executable, "-c", PROBE, "127.0.0.1", str(own_port), "2"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert probe.stdout.strip() == "hello from nova"
+    finally:
+        daemonless.send_signal(signal.SIGINT)
+        _, stderr = daemonless.communicate(timeout=30)
+    assert daemonless.returncode == 0, stderr  # an HTTP server stopped on request
+    assert netns not in leftovers()["netns"]
+
+
+def test_an_idle_namespace_loses_its_pool_and_segment(
+    start_agent: StartAgent, examples: Path
+) -> None:
+    start_agent("--namespace-pool-idle", "2s")
+    result = nova("run", "--namespace", "team-q", examples / "hello.wasm")
+    assert result.returncode == 0, result.stderr
+    assert len(leftovers()["bridges"]) == 2  # default's and team-q's
+    wait_for("team-q's pool and bridge to go", lambda: len(leftovers()["bridges"]) == 1, 20)
+    assert len(leftovers()["netns"]) == 2  # the default pool's sandboxes only
+    result = nova("run", "--namespace", "team-q", examples / "hello.wasm")  # and it comes back
+    assert (result.returncode, result.stdout) == (0, "hello from wasm, world\n"), result.stderr

@@ -14,11 +14,13 @@ import pytest
 
 from agent.cluster.assignments import parse_assignment
 from coordinator.placement import ReplicaId, Selector
+from coordinator.placer import UNKNOWN_BODY, Encoded, Placer
 from coordinator.state import (
     AssignmentEncoder,
     DeploymentSpec,
     RecordError,
     node_of,
+    parse_selector,
     split_assignment,
 )
 from nova import errors
@@ -63,6 +65,7 @@ def test_assignment_values_are_canonical_json_the_agent_reads() -> None:
 def test_deployment_specs_map_to_requests_and_refuse_bad_fields() -> None:
     request = spec().request()
     assert request.constraints == (Selector.equals("zone", "a"),)
+    assert spec().constraints == ("zone=a",)  # a mapping is equalities
     assert request.spread_key == "zone"
     assert spec().same_spec(spec(generation=4))
     assert not spec().same_spec(spec(replicas=4))
@@ -72,9 +75,33 @@ def test_deployment_specs_map_to_requests_and_refuse_bad_fields() -> None:
         ({"digest": "latest"}, "image digest"),
         ({"args": "x"}, "args must be a list of strings"),
         ({"spread": "a b"}, "spread label"),
+        ({"constraints": ["zone in ()"]}, r"constraint 'zone in \(\)'"),
+        ({"constraints": ["zone (a)"]}, "is not one of"),
+        ({"constraints": "zone=a"}, "must be a list of expressions or a mapping"),
     ):
         with pytest.raises(RecordError, match=says):
             spec(**bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "selector", "canonical"),
+    [
+        ("disk=ssd", Selector.equals("disk", "ssd"), "disk=ssd"),
+        (" disk = ssd ", Selector.equals("disk", "ssd"), "disk=ssd"),
+        ("tier!=edge", Selector.none_of("tier", "edge"), "tier notin (edge)"),
+        ("zone in (b, a)", Selector.one_of("zone", "a", "b"), "zone in (a,b)"),
+        ("zone notin (a)", Selector.none_of("zone", "a"), "zone notin (a)"),
+        ("gpu", Selector.exists("gpu"), "gpu"),
+        ("!gpu", Selector.absent("gpu"), "!gpu"),
+    ],
+)
+def test_constraint_expressions(text: str, selector: Selector, canonical: str) -> None:
+    assert parse_selector(text) == selector
+    assert str(selector) == canonical
+    assert parse_selector(canonical) == selector  # what the spec stores parses back the same
+    assert spec(constraints=[text, "disk=ssd"]).request().constraints == tuple(
+        sorted({selector, Selector.equals("disk", "ssd")})
+    )
 
 
 def test_node_keys_health_is_the_session() -> None:
@@ -137,3 +164,22 @@ def test_status_text_names_the_leader_epoch_and_failed_nodes() -> None:
     assert "n2    failed   -" in text
     no_leader = format_status(body | {"leader": {"id": None, "api": None, "epoch": 4}})
     assert "leader:       none (last epoch 4)" in no_leader
+
+
+def test_a_pass_reencodes_only_nodes_whose_replicas_or_specs_changed() -> None:
+    first = AssignmentEncoder([spec(), spec(name="db")])
+    web0, web1 = ReplicaId("team-a", "web", 0), ReplicaId("team-a", "web", 1)
+    db0 = ReplicaId("team-a", "db", 0)
+    by_node = {"n1": [web0], "n2": [web1], "n3": [db0]}
+    previous = Encoded(by_node, first.heads)
+    stored = {"n1": b"n1 as stored", "n2": b"n2 as stored", "n3": b"n3 as stored"}
+    # Nothing changed: every node keeps what is stored (no encoding at all).
+    assert Placer._encode(first, by_node, stored, previous) == stored
+    # web's spec changed: its nodes are encoded again, db's node is kept.
+    second = AssignmentEncoder([spec(generation=2), spec(name="db")])
+    out = Placer._encode(second, by_node, stored, previous)
+    assert out == {"n1": second.body([web0]), "n2": second.body([web1]), "n3": b"n3 as stored"}
+    # A replica moved from n2 to n1: both are encoded again; a node marked unknown too.
+    moved = {"n1": [web0, web1], "n3": [db0]}
+    out = Placer._encode(first, moved, stored | {"n3": UNKNOWN_BODY}, previous)
+    assert out == {"n1": first.body([web0, web1]), "n3": first.body([db0])}
