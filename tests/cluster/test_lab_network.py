@@ -72,11 +72,6 @@ def test_same_namespace_reaches_across_hosts_over_vxlan(cluster: Cluster) -> Non
         wait_for(f"{a['node']} -> {b['node']}", partial(ping_from, a["netns"], b["ip"]), 10.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the cluster agent starts every replica in Nova namespace 'default' "
-    "(agent/cluster/reconciler.py _create_body passes no namespace), so all share one segment",
-)
 def test_other_namespace_is_another_segment(cluster: Cluster) -> None:
     running = running_containers(cluster)
     ours = [running[f"lab.a.{i}"] for i in range(4)]
