@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import common
-from tests.cluster.lab import Host, Lab, LabProcess, coordinator_id
+from tests.cluster.lab import Host, Lab, LabError, LabProcess, coordinator_id
 from tests.cluster.lab_nova import Cluster, LabTimeout, log_time, wait_for
 
 T = TypeVar("T")
@@ -226,7 +226,10 @@ def summarize_s(samples: list[dict[str, Any]]) -> common.Summary:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.trials < 1 or args.lock_batch < 1:
         raise common.BenchError("--trials and --lock-batch must be at least 1")
-    lab = Lab.create(5)
+    try:
+        lab = Lab.create(5)
+    except LabError as exc:  # not root, no consul binary: say so, no traceback
+        raise common.BenchError(str(exc)) from None
     results: dict[str, list[dict[str, Any]]] = {}
     try:
         measure(lab, args, results)
