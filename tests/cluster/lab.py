@@ -189,6 +189,12 @@ class Host:
 
 @dataclass
 class Lab:
+    """N hosts on one bridge, their Consul agents, and every process started in them.
+
+    Build with `Lab.create(n)` (or `Lab.load(dir)` for one `make lab` left
+    running), `up()` starts Consul, `down()` removes everything.
+    """
+
     token: str
     subnet: ipaddress.IPv4Network
     hosts: list[Host]

@@ -51,9 +51,7 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: fl
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(
-        f"not within {timeout} s: {what}" + (f" (last error: {last})" if last else "")
-    )
+    raise LabTimeout(f"not within {timeout} s: {what}" + (f" (last error: {last})" if last else ""))
 
 
 class _UnixConnection(http.client.HTTPConnection):
