@@ -295,7 +295,7 @@ class SandboxRuntime:
         """
         request_ns = request_ns or time.monotonic_ns()
         if worker is None:
-            worker = await self.claim()
+            worker = await self.claim(spec.namespace, spec.isolation)
         isolation = self.resolve_isolation(spec.isolation)
         if spec.id != worker.sandbox_id or spec.isolation is not isolation:
             spec = dataclasses.replace(spec, id=worker.sandbox_id, isolation=isolation)
@@ -336,8 +336,11 @@ class SandboxRuntime:
         finally:
             if listener is not None:
                 listener.close()  # the worker has its own copy
-        if cgroups is not None and self.pool is not None:
-            self.pool.expect_limits(limits)  # the next start with these limits writes nothing
+        # The pool this worker came from (its namespace's, or the host-network one)
+        # labels its idle workers alike: the next start with these limits writes nothing.
+        pool = self.pools.get(worker.network.namespace if worker.network is not None else None)
+        if cgroups is not None and pool is not None:
+            pool.expect_limits(limits)
         return Container(
             spec=spec,
             worker=worker,

@@ -483,3 +483,61 @@ def test_an_idle_namespace_loses_its_pool_and_segment(
     assert len(leftovers()["netns"]) == 2  # the default pool's sandboxes only
     result = nova("run", "--namespace", "team-q", examples / "hello.wasm")  # and it comes back
     assert (result.returncode, result.stdout) == (0, "hello from wasm, world\n"), result.stderr
+
+
+def test_runtime_launches_in_any_namespace_and_relabels_that_namespaces_pool(
+    nova_dirs: Path, examples: Path
+) -> None:
+    """`launch(spec)` claims from the spec's namespace; the pool a worker came from
+    carries the run's limits afterwards, so the next start there writes nothing."""
+    from agent.isolation.cgroups import Limits
+    from agent.sandbox.cgroups import SandboxCgroups, run_limits
+    from agent.sandbox.network import NetworkConfig, SandboxNetwork
+    from agent.sandbox.runtime import SandboxRuntime
+    from agent.sandbox.spec import Isolation, RunSpec
+    from nova.store import open_store
+
+    async def scenario() -> None:
+        cgroups = SandboxCgroups.for_host(os.environ["NOVA_CGROUP_ROOT"])
+        assert cgroups is not None
+        store = open_store(str(nova_dirs / "state.db"))
+        await store.open()
+        network = SandboxNetwork(
+            store,
+            node="t",
+            config=NetworkConfig.parse(
+                os.environ["NOVA_NODE_CIDR"], segment_ids=os.environ["NOVA_SEGMENT_IDS"]
+            ),
+        )
+        await network.start()
+        runtime = SandboxRuntime(
+            str(nova_dirs / "cache"), pool_size=1, cgroups=cgroups, network=network,
+            namespace_pool_size=1,
+        )  # fmt: skip
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            await runtime.start()
+            module = await runtime.resolve(str(examples / "hello.wasm"))
+            spec = RunSpec(
+                id="", name="t", digest=module.digest, artifact=str(module.artifact),
+                module_path=str(examples / "hello.wasm"), argv=("hello",),
+                isolation=Isolation.CGROUP, namespace="team-r", memory_bytes=32 << 20,
+            )  # fmt: skip
+            container = await runtime.launch(spec, (devnull, devnull, devnull))
+            assert container.worker.network is not None
+            assert container.worker.network.namespace == "team-r"
+            assert (await container.wait()).exit_code == 0
+            pool = runtime.pools["team-r"]
+            wanted: Limits = run_limits(container.spec)
+            deadline = time.monotonic() + 20
+            while not (pool.idle and all(w.cgroup_limits == wanted for w in pool._idle)):
+                assert time.monotonic() < deadline, "team-r's idle worker was not relabelled"
+                await asyncio.sleep(0.05)
+        finally:
+            os.close(devnull)
+            await runtime.close()
+            await network.close()
+            await store.close()
+
+    asyncio.run(scenario())
+    assert leftovers() == {"netns": [], "veths": [], "bridges": [], "routes": []}
