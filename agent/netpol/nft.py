@@ -25,10 +25,12 @@ kernel only logs from the initial network namespace unless
 
 Agent restart: the tables stay in the kernel while the agent is away; the
 first apply of the new process replaces them in one transaction (never a gap).
-The first apply of a process replaces the tables (add, delete, add table in
-one transaction); later applies change them in place in one transaction
-(flush the rules, delete the maps, sets and chains the last apply made,
-add the new ones), so the named counter objects keep counting.
+Later applies send only the difference from the previous apply (new and
+changed chains, added and removed map elements, objects that are gone; see
+nft_objects.update_document), still in one transaction: the cost of a change
+follows the size of the change, not of the policy, and the named counter
+objects keep counting. Should an update be refused (say, someone edited
+Nova's tables by hand), the backend logs it and replaces the tables instead.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent.netpol import backend as api
-from agent.netpol.nft_ruleset import Counters, Made, in_place, made_by, transaction
+from agent.netpol.nft_objects import Ruleset, replace_document, update_document
+from agent.netpol.nft_ruleset import ChainNames, Counters, desired
 from agent.netpol.tables import CompiledPolicy
 
 log = logging.getLogger("nova.agent.netpol.nft")
@@ -62,7 +65,8 @@ class NftBackend(api.PolicyBackend):
         self._counters = Counters()
         self._bridges_changed: dict[str, str] = {}  # bridge -> nf_call_iptables before
         self._started = False
-        self._made: Made | None = None  # what the last applied transaction created
+        self._names = ChainNames()
+        self._applied: Ruleset | None = None  # what the tables hold (the last apply)
 
     # -- interface ---------------------------------------------------------------
 
@@ -77,20 +81,15 @@ class NftBackend(api.PolicyBackend):
                 raise api.PolicyBackendError(self.name, "apply", self._table, "not started")
             ports, missing = await self._host_ports(compiled)
             await self._enable_bridge_hooks(ports.values())
-            document = transaction(
+            wanted = desired(
                 compiled,
                 table=self._table,
                 ports=ports,
                 counters=self._counters,
+                names=self._names,
                 drop_log_rate=self._drop_log_rate,
             )
-            made = made_by(document)
-            if self._made is None:  # first apply of this process: replace whatever is there
-                await self._nft(["-j", "-f", "-"], json.dumps(document), what="apply")
-            else:  # keep the counter objects: change the tables in place
-                document = in_place(document, table=self._table, previous=self._made)
-                await self._nft(["-j", "-f", "-"], json.dumps(document), what="apply")
-            self._made = made
+            await self._change_to(wanted)
             if missing:
                 raise api.PolicyBackendError(self.name, "apply", "endpoints", "; ".join(missing))
 
@@ -117,9 +116,23 @@ class NftBackend(api.PolicyBackend):
                 )
             self._bridges_changed.clear()
             self._started = False
-            self._made = None
+            self._applied = None
 
     # -- internals ---------------------------------------------------------------
+
+    async def _change_to(self, wanted: Ruleset) -> None:
+        """Make the tables hold `wanted`: an update when we know what they hold."""
+        update = None if self._applied is None else update_document(self._applied, wanted)
+        if update is not None and update["nftables"]:
+            try:
+                await self._nft(["-j", "-f", "-"], json.dumps(update), what="update")
+            except api.PolicyBackendError as exc:
+                log.warning("%s; replacing the tables instead (counters restart)", exc)
+                update = None
+        if update is None:
+            self._applied = None  # unknown until the replacement is in
+            await self._nft(["-j", "-f", "-"], json.dumps(replace_document(wanted)), what="apply")
+        self._applied = wanted
 
     async def _read_counters(self) -> dict[str, tuple[int, int]]:
         """Report name -> (allowed, denied) from the counter objects in the kernel now."""

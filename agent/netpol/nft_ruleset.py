@@ -1,6 +1,8 @@
-"""Pure part of the nftables backend: compiled tables -> one `nft -j` transaction.
+"""Pure part of the nftables backend: compiled tables -> the `Ruleset` nft should hold.
 
-Unit-tested without root (tests/unit/test_netpol_nft_ruleset.py). Layout of
+`nft_objects` turns a Ruleset into a transaction (a replacement, or an
+update against the previous one). Unit-tested without root
+(tests/unit/test_netpol_backend_tables.py, test_netpol_nft_objects.py). Layout of
 the tables (family inet for policy, family bridge for source checks):
 
     table inet NAME
@@ -23,12 +25,14 @@ verdict maps `goto` a per-policy chain that counts and returns to the hook
 chain too. Overlapping rules (a pod address inside a rule CIDR, two port
 ranges that meet) are split into disjoint intervals first, because
 concatenated interval maps must not overlap; the first rule keeps the count.
+Chain names are stable for the life of a backend (`ChainNames`), so an
+update changes only the chains and elements whose content changed.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
@@ -39,12 +43,11 @@ from agent.netpol.backend import (
     COUNTER_SPOOFED,
     deny_counter_name,
 )
+from agent.netpol.nft_objects import Json, Ruleset
 from agent.netpol.tables import CompiledPolicy, DirectionTable, Rule
 
 HOOKS = ("forward", "input", "output")
 _PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}
-
-Json = dict[str, Any]
 
 
 @dataclass
@@ -141,184 +144,157 @@ def _payload(field_: str) -> Json:
     return {"payload": {"protocol": "ip", "field": field_}}
 
 
-def transaction(
+@dataclass
+class ChainNames:
+    """Stable chain names for one backend process: an endpoint keeps `e<n>_<dir>`
+    and a policy keeps `p<k>` across applies, so an update touches only what changed."""
+
+    endpoints: dict[str, int] = field(default_factory=dict)
+    policies: dict[str, str] = field(default_factory=dict)
+
+    def endpoint(self, key: str, direction: str) -> str:
+        n = self.endpoints.setdefault(key, len(self.endpoints))
+        return f"e{n}_{direction}"
+
+    def policy(self, name: str) -> str:
+        return self.policies.setdefault(name, f"p{len(self.policies)}")
+
+
+def desired(
     compiled: CompiledPolicy,
     *,
     table: str,
     ports: Mapping[str, str],
     counters: Counters,
+    names: ChainNames,
     drop_log_rate: int = 0,
-) -> Json:
-    """The whole ruleset for `compiled` as one `nft -j` document (replaces the tables).
+) -> Ruleset:
+    """Nova's tables (inet for policy, bridge for source checks) for `compiled`.
 
     `ports` maps endpoint key -> host veth name; endpoints missing from it
     are not enforced (their veth does not exist). `drop_log_rate` > 0 logs
     drops to the kernel log, at most that many a second per endpoint and direction.
     """
-    inet: list[Json] = []
-    T = {"family": "inet", "table": table}
-
-    def add(kind: str, **body: Any) -> None:
-        inet.append({"add": {kind: {**T, **body}}})
-
-    cmds: list[Json] = []
-    for family in ("inet", "bridge"):  # replace both tables in this one transaction
-        cmds.append({"add": {"table": {"family": family, "name": table}}})
-        cmds.append({"delete": {"table": {"family": family, "name": table}}})
-        cmds.append({"add": {"table": {"family": family, "name": table}}})
-    counters.object(COUNTER_ESTABLISHED)
+    rs = Ruleset(table=table, families=("inet", "bridge"))
+    rs.counter("inet", counters.object(COUNTER_ESTABLISHED))
     for name in (COUNTER_SPOOFED, COUNTER_NOT_IPV4):
-        counters.object(name, denied=True)
+        rs.counter("bridge", counters.object(name, denied=True))
     by_identity: dict[int, list[IPv4Address]] = {}
     for address, identity in compiled.ipcache.items():
         by_identity.setdefault(identity, []).append(address)
-    policy_chains: dict[str, str] = {}
 
     def policy_chain(policy: str) -> str:
-        if policy not in policy_chains:
-            chain = f"p{len(policy_chains)}"
-            policy_chains[policy] = chain
-            add("chain", name=chain)
-            add("rule", chain=chain, expr=[{"counter": counters.object(policy)}, {"return": None}])
-        return policy_chains[policy]
+        chain = names.policy(policy)
+        if ("inet", chain) not in rs.chains:
+            rs.counter("inet", counters.object(policy))
+            rs.chain("inet", chain).rules.append(
+                [{"counter": counters.object(policy)}, {"return": None}]
+            )
+        return chain
 
-    # Every policy chain before any map whose elements go to it (nft -j refuses
-    # the transaction otherwise, with ENOENT).
+    dispatch = {
+        direction: rs.collection("inet", direction, type="ipv4_addr", map="verdict")
+        for direction in ("ingress", "egress")
+    }
     for key in sorted(k for k in compiled.endpoints if k in ports):
         entry = compiled.endpoints[key]
-        for dtable in (entry.ingress, entry.egress):
-            for rule in dtable.rules if dtable.isolated else ():
-                policy_chain(rule.policy)
-    dispatch: dict[str, list[Any]] = {"ingress": [], "egress": []}
-    for n, key in enumerate(sorted(k for k in compiled.endpoints if k in ports)):
-        entry = compiled.endpoints[key]
         for direction, dtable in (("ingress", entry.ingress), ("egress", entry.egress)):
-            if not dtable.isolated:
-                continue
-            chain = f"e{n}_{direction}"
-            peer = _payload("saddr" if direction == "ingress" else "daddr")
-            port_elems, any_elems = direction_maps(dtable, by_identity)
-            add("chain", name=chain)
-            add(
-                "map",
-                name=f"{chain}_ports",
-                type=["ipv4_addr", "inet_proto", "inet_service"],
-                map="verdict",
-                flags=["interval"],
-            )
-            add("map", name=f"{chain}_any", type="ipv4_addr", map="verdict", flags=["interval"])
-            if port_elems:
-                add(
-                    "element",
-                    name=f"{chain}_ports",
-                    elem=[
-                        [
-                            {
-                                "concat": [
-                                    _span(a, b),
-                                    _PROTO_NAMES.get(proto, proto),
-                                    _port_span(p, q),
-                                ]
-                            },
-                            {"goto": {"target": policy_chain(pol)}},
-                        ]
-                        for a, b, proto, p, q, pol in port_elems
-                    ],
+            if dtable.isolated:
+                chain = names.endpoint(key, direction)
+                _endpoint_chain(
+                    rs,
+                    chain,
+                    direction=direction,
+                    dtable=dtable,
+                    by_identity=by_identity,
+                    policy_chain=policy_chain,
                 )
-            if any_elems:
-                add(
-                    "element",
-                    name=f"{chain}_any",
-                    elem=[
-                        [_span(a, b), {"goto": {"target": policy_chain(pol)}}]
-                        for a, b, pol in any_elems
-                    ],
-                )
-            add(
-                "rule",
-                chain=chain,
-                expr=[
-                    {
-                        "vmap": {
-                            "key": {
-                                "concat": [
-                                    peer,
-                                    {"meta": {"key": "l4proto"}},
-                                    {"payload": {"protocol": "th", "field": "dport"}},
-                                ]
-                            },
-                            "data": f"@{chain}_ports",
-                        }
-                    }
-                ],
-            )
-            add("rule", chain=chain, expr=[{"vmap": {"key": peer, "data": f"@{chain}_any"}}])
-            deny_name = deny_counter_name(entry, dtable)
-            if drop_log_rate > 0:  # its own rule: the limit must never decide the verdict
-                prefix = f"nova drop {entry.endpoint.key} {direction} ({deny_name}): "
-                add("rule", chain=chain, expr=[
-                    {"limit": {"rate": drop_log_rate, "per": "second"}},
-                    {"log": {"prefix": prefix[:127], "level": "info"}},
-                ])  # fmt: skip
-            deny = counters.object(deny_name, denied=True)
-            add("rule", chain=chain, expr=[{"counter": deny}, {"drop": None}])
-            dispatch[direction].append([str(entry.endpoint.ip), {"jump": {"target": chain}}])
-    for direction in ("ingress", "egress"):
-        add("map", name=direction, type="ipv4_addr", map="verdict")
-        if dispatch[direction]:
-            add("element", name=direction, elem=dispatch[direction])
+                deny_name = deny_counter_name(entry, dtable)
+                rules = rs.chains["inet", chain].rules
+                if drop_log_rate > 0:  # its own rule: the limit must never decide the verdict
+                    prefix = f"nova drop {entry.endpoint.key} {direction} ({deny_name}): "
+                    rules.append([
+                        {"limit": {"rate": drop_log_rate, "per": "second"}},
+                        {"log": {"prefix": prefix[:127], "level": "info"}},
+                    ])  # fmt: skip
+                deny = counters.object(deny_name, denied=True)
+                rs.counter("inet", deny)
+                rules.append([{"counter": deny}, {"drop": None}])
+                dispatch[direction].add([str(entry.endpoint.ip), {"jump": {"target": chain}}])
+    _hook_chains(rs, counters)
+    _bridge_table(rs, compiled, ports=ports, counters=counters)
+    return rs
+
+
+def _endpoint_chain(
+    rs: Ruleset,
+    chain: str,
+    *,
+    direction: str,
+    dtable: DirectionTable,
+    by_identity: Mapping[int, list[IPv4Address]],
+    policy_chain: Callable[[str], str],
+) -> None:
+    """One isolated endpoint direction: its chain and its two verdict maps."""
+    peer = _payload("saddr" if direction == "ingress" else "daddr")
+    port_elems, any_elems = direction_maps(dtable, by_identity)
+    ports_map = rs.collection(
+        "inet",
+        f"{chain}_ports",
+        type=["ipv4_addr", "inet_proto", "inet_service"],
+        map="verdict",
+        flags=["interval"],
+    )
+    any_map = rs.collection(
+        "inet", f"{chain}_any", type="ipv4_addr", map="verdict", flags=["interval"]
+    )
+    for a, b, proto, p, q, pol in port_elems:
+        span = {"concat": [_span(a, b), _PROTO_NAMES.get(proto, proto), _port_span(p, q)]}
+        ports_map.add([span, {"goto": {"target": policy_chain(pol)}}])
+    for a, b, pol in any_elems:
+        any_map.add([_span(a, b), {"goto": {"target": policy_chain(pol)}}])
+    l4 = [peer, {"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]
+    rs.chain("inet", chain).rules += [
+        [{"vmap": {"key": {"concat": l4}, "data": f"@{chain}_ports"}}],
+        [{"vmap": {"key": peer, "data": f"@{chain}_any"}}],
+    ]
+
+
+def _hook_chains(rs: Ruleset, counters: Counters) -> None:
+    established = {
+        "match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}
+    }
     for hook in HOOKS:
-        add("chain", name=hook, type="filter", hook=hook, prio=0, policy="accept")
-        add(
-            "rule",
-            chain=hook,
-            expr=[
-                {
-                    "match": {
-                        "op": "in",
-                        "left": {"ct": {"key": "state"}},
-                        "right": ["established", "related"],
-                    }
-                },
-                {"counter": counters.object(COUNTER_ESTABLISHED)},
-                {"accept": None},
-            ],
+        chain = rs.chain("inet", hook, type="filter", hook=hook, prio=0, policy="accept")
+        chain.rules.append(
+            [established, {"counter": counters.object(COUNTER_ESTABLISHED)}, {"accept": None}]
         )
         if hook != "output":  # output: the host sends; only receivers' ingress applies
-            add("rule", chain=hook, expr=[{"vmap": {"key": _payload("saddr"), "data": "@egress"}}])
+            chain.rules.append([{"vmap": {"key": _payload("saddr"), "data": "@egress"}}])
         if hook != "input":
-            add("rule", chain=hook, expr=[{"vmap": {"key": _payload("daddr"), "data": "@ingress"}}])
-    # counter objects first: the rules above refer to them
-    cmds += [{"add": {"counter": {**T, "name": name}}} for name in counters.by_name.values()]
-    cmds += inet
-    cmds += _bridge_table(compiled, table=table, ports=ports, counters=counters)
-    return {"nftables": cmds}
+            chain.rules.append([{"vmap": {"key": _payload("daddr"), "data": "@ingress"}}])
 
 
 def _bridge_table(
-    compiled: CompiledPolicy, *, table: str, ports: Mapping[str, str], counters: Counters
-) -> Iterable[Json]:
-    B = {"family": "bridge", "table": table}
+    rs: Ruleset, compiled: CompiledPolicy, *, ports: Mapping[str, str], counters: Counters
+) -> None:
     endpoints = [compiled.endpoints[k] for k in sorted(compiled.endpoints) if k in ports]
-    yield {"add": {"counter": {**B, "name": counters.object(COUNTER_SPOOFED, denied=True)}}}
-    yield {"add": {"counter": {**B, "name": counters.object(COUNTER_NOT_IPV4, denied=True)}}}
-    for name, kind in (
-        ("ports", "ifname"),
-        ("owned", ["ifname", "ipv4_addr"]),
-        ("isolated_out", "ifname"),
-        ("isolated_in", "ifname"),
-    ):
-        yield {"add": {"set": {**B, "name": name, "type": kind}}}
-    sets: dict[str, list[Any]] = {
-        "ports": [ports[e.endpoint.key] for e in endpoints],
-        "owned": [{"concat": [ports[e.endpoint.key], str(e.endpoint.ip)]} for e in endpoints],
-        "isolated_out": [ports[e.endpoint.key] for e in endpoints if e.egress.isolated],
-        "isolated_in": [ports[e.endpoint.key] for e in endpoints if e.ingress.isolated],
+    members: dict[str, tuple[Any, list[Any]]] = {
+        "ports": ("ifname", [ports[e.endpoint.key] for e in endpoints]),
+        "owned": (
+            ["ifname", "ipv4_addr"],
+            [{"concat": [ports[e.endpoint.key], str(e.endpoint.ip)]} for e in endpoints],
+        ),
+        "isolated_out": ("ifname", [ports[e.endpoint.key] for e in endpoints if e.egress.isolated]),
+        "isolated_in": ("ifname", [ports[e.endpoint.key] for e in endpoints if e.ingress.isolated]),
     }
-    for name, elems in sets.items():
-        if elems:
-            yield {"add": {"element": {**B, "name": name, "elem": elems}}}
+    for name, (kind, elements) in members.items():
+        collection = rs.collection("bridge", name, type=kind)
+        for element in elements:
+            collection.add(element)
     iif, oif = {"meta": {"key": "iifname"}}, {"meta": {"key": "oifname"}}
+    spoofed = counters.object(COUNTER_SPOOFED, denied=True)
+    not_ipv4 = counters.object(COUNTER_NOT_IPV4, denied=True)
     not_ip = {
         "match": {
             "op": "!=",
@@ -326,112 +302,33 @@ def _bridge_table(
             "right": {"set": ["ip", "arp"]},
         }
     }
-    yield {
-        "add": {
-            "chain": {
-                **B,
-                "name": "prerouting",
-                "type": "filter",
-                "hook": "prerouting",
-                "prio": -200,
-                "policy": "accept",
-            }
-        }
-    }
-    yield {
-        "add": {
-            "rule": {
-                **B,
-                "chain": "prerouting",
-                "expr": [
-                    {"match": {"op": "==", "left": iif, "right": "@ports"}},
-                    {"match": {"op": "==", "left": {"meta": {"key": "protocol"}}, "right": "ip"}},
-                    {
-                        "match": {
-                            "op": "!=",
-                            "left": {"concat": [iif, _payload("saddr")]},
-                            "right": "@owned",
-                        }
-                    },
-                    {"counter": counters.object(COUNTER_SPOOFED, denied=True)},
-                    {"drop": None},
-                ],
-            }
-        }
-    }
-    yield {
-        "add": {
-            "rule": {
-                **B,
-                "chain": "prerouting",
-                "expr": [
-                    {"match": {"op": "==", "left": iif, "right": "@isolated_out"}},
-                    not_ip,
-                    {"counter": counters.object(COUNTER_NOT_IPV4, denied=True)},
-                    {"drop": None},
-                ],
-            }
-        }
-    }
-    yield {
-        "add": {
-            "chain": {
-                **B,
-                "name": "forward",
-                "type": "filter",
-                "hook": "forward",
-                "prio": -200,
-                "policy": "accept",
-            }
-        }
-    }
-    yield {
-        "add": {
-            "rule": {
-                **B,
-                "chain": "forward",
-                "expr": [
-                    {"match": {"op": "==", "left": oif, "right": "@isolated_in"}},
-                    not_ip,
-                    {"counter": counters.object(COUNTER_NOT_IPV4, denied=True)},
-                    {"drop": None},
-                ],
-            }
-        }
-    }
-
-
-Made = list[tuple[str, str, str]]  # (kind "chain"|"map"|"set", family, name): non-base objects
-
-
-def made_by(document: Json) -> Made:
-    """The sets, maps and non-base chains `document` creates (what the next apply deletes)."""
-    out: Made = []
-    for cmd in document["nftables"]:
-        for kind in ("chain", "map", "set"):
-            body = cmd.get("add", {}).get(kind)
-            if body is not None and "hook" not in body:
-                out.append((kind, body["family"], body["name"]))
-    return out
-
-
-def in_place(document: Json, *, table: str, previous: Made) -> Json:
-    """`document` rewritten to change the existing tables instead of replacing them.
-
-    Same end state, still one transaction, but counter objects (and base
-    chains) survive, so counts never reset and need no reading per apply.
-    `previous` is what the last applied document made (`made_by`).
-    """
-    head: list[Json] = []
-    for family in ("inet", "bridge"):
-        head.append({"add": {"table": {"family": family, "name": table}}})
-        head.append({"flush": {"table": {"family": family, "name": table}}})
-    # maps and sets first: their elements refer to the chains deleted after them
-    for kind, family, name in sorted(previous, key=lambda m: m[0] == "chain"):
-        head.append({"delete": {kind: {"family": family, "table": table, "name": name}}})
-    rest = [
-        cmd
-        for cmd in document["nftables"]
-        if "table" not in cmd.get("add", {}) and "table" not in cmd.get("delete", {})
+    base = {"type": "filter", "prio": -200, "policy": "accept"}
+    rs.chain("bridge", "prerouting", hook="prerouting", **base).rules += [
+        [
+            {"match": {"op": "==", "left": iif, "right": "@ports"}},
+            {"match": {"op": "==", "left": {"meta": {"key": "protocol"}}, "right": "ip"}},
+            {
+                "match": {
+                    "op": "!=",
+                    "left": {"concat": [iif, _payload("saddr")]},
+                    "right": "@owned",
+                }
+            },
+            {"counter": spoofed},
+            {"drop": None},
+        ],
+        [
+            {"match": {"op": "==", "left": iif, "right": "@isolated_out"}},
+            not_ip,
+            {"counter": not_ipv4},
+            {"drop": None},
+        ],
     ]
-    return {"nftables": head + rest}
+    rs.chain("bridge", "forward", hook="forward", **base).rules.append(
+        [
+            {"match": {"op": "==", "left": oif, "right": "@isolated_in"}},
+            not_ip,
+            {"counter": not_ipv4},
+            {"drop": None},
+        ]
+    )
