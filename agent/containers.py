@@ -129,7 +129,8 @@ class AdoptedProcess:
         self.stop_requested = True
         self.signal(signal.SIGTERM)
         try:
-            return await asyncio.wait_for(self.wait(), grace_s)
+            async with asyncio.timeout(grace_s):
+                return await self.wait()
         except TimeoutError:
             self.signal(signal.SIGKILL)
             return await self.wait()

@@ -303,11 +303,8 @@ class PolicyEngine:
     async def wait_applied(self, timeout: float = 5.0) -> int:  # noqa: ASYNC109
         """Wait until every change made so far is enforced; the generation that holds it."""
         wanted = self._version
-        async with self._state.changed:
-            await asyncio.wait_for(
-                self._state.changed.wait_for(lambda: self._state.applied_version >= wanted),
-                timeout,
-            )
+        async with asyncio.timeout(timeout), self._state.changed:
+            await self._state.changed.wait_for(lambda: self._state.applied_version >= wanted)
         return self._state.generation
 
     def status(self) -> dict[str, Any]:

@@ -232,7 +232,8 @@ class StoreSource:
 
     async def wait_synced(self, timeout: float) -> bool:  # noqa: ASYNC109
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._synced.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._synced.wait()
         return self._synced.is_set()
 
     async def close(self) -> None:

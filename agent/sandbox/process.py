@@ -34,11 +34,18 @@ async def recv_async(sock: socket.socket) -> tuple[dict[str, Any] | None, list[i
         except BlockingIOError:
             pass
         readable = loop.create_future()
-        loop.add_reader(sock.fileno(), readable.set_result, None)
+        loop.add_reader(sock.fileno(), _resolve, readable)
         try:
             await readable
         finally:
             loop.remove_reader(sock.fileno())
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    """A reader callback: the fd is readable. The waiter may be cancelled already,
+    in the same loop iteration, before its `finally` removes the reader."""
+    if not future.done():
+        future.set_result(None)
 
 
 def pidfd_signal(pidfd: int, sig: int) -> bool:
@@ -95,7 +102,8 @@ class WorkerHandle:
 
     async def wait_ready(self) -> None:
         try:
-            message, _ = await asyncio.wait_for(recv_async(self.sock), READY_TIMEOUT_S)
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                message, _ = await recv_async(self.sock)
         except TimeoutError:
             self.kill()
             raise errors.SandboxError(f"worker {self.pid} did not become ready") from None
@@ -186,7 +194,7 @@ class WorkerHandle:
         elif self.pidfd >= 0:
             loop = asyncio.get_running_loop()
             exited = loop.create_future()
-            loop.add_reader(self.pidfd, exited.set_result, None)
+            loop.add_reader(self.pidfd, _resolve, exited)
             try:
                 await exited
             finally:
@@ -294,7 +302,8 @@ class Zygote:
         if self._proc is not None:
             proc, self._proc = self._proc, None
             try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), 5)
+                async with asyncio.timeout(5):
+                    await asyncio.to_thread(proc.wait)
             except TimeoutError:
                 proc.kill()
                 await asyncio.to_thread(proc.wait)

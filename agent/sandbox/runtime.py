@@ -97,7 +97,8 @@ class Container:
         self.worker.stop_requested = True
         self.worker.signal(signal.SIGTERM)
         try:
-            status = await asyncio.wait_for(self.wait(), grace_s)
+            async with asyncio.timeout(grace_s):
+                status = await self.wait()
         except TimeoutError:
             self.worker.kill()
             status = await self.wait()

@@ -7,6 +7,7 @@ wasm32-wasi) and checks what a user would see: output, exit codes, limits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.sandbox import channel
+from agent.sandbox.process import WorkerHandle
 from agent.sandbox.runtime import Container, SandboxRuntime
 from agent.sandbox.spec import DirMount, ExitReason, ExitStatus, RunSpec
 from tests.conftest import process_alive
@@ -277,3 +280,26 @@ async def test_alternating_modules_each_get_their_own(
         assert hello.stdout == "hello from wasm, a\n"
         code = await run(runtime, examples / "exit.wasm", tmp_path, "9")
         assert code.status.exit_code == 9
+
+
+async def test_cancelling_a_wait_for_ready_is_never_lost() -> None:
+    """A worker's "ready" and a cancellation (the pool closing) can arrive in the
+    same loop iteration; the wait must end cancelled, or the pool's close waits
+    forever on a refill task that went on (Python 3.11's wait_for lost these)."""
+    lost = []
+    for yields in range(8):
+        ours, theirs = channel.pair()
+        handle = WorkerHandle(os.getpid(), ours, sandbox_id=f"ready-{yields}")
+        waiting = asyncio.ensure_future(handle.wait_ready())
+        await asyncio.sleep(0)
+        channel.send(theirs, {"op": "ready", "pid": os.getpid()})
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        cancelled = waiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        if cancelled and not waiting.cancelled():
+            lost.append(yields)
+        handle.close_channel()
+        theirs.close()
+    assert not lost, f"cancellation lost after {lost} loop iterations"
