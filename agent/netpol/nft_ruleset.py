@@ -220,7 +220,8 @@ def desired(
                 deny = counters.object(deny_name, denied=True)
                 rs.counter("inet", deny)
                 rules.append([{"counter": deny}, {"drop": None}])
-                dispatch[direction].add([str(entry.endpoint.ip), {"jump": {"target": chain}}])
+                element = [str(entry.endpoint.ip), {"jump": {"target": chain}}]
+                dispatch[direction].add(element, identity=(entry.endpoint.ip, chain))
     _hook_chains(rs, counters)
     _bridge_table(rs, compiled, ports=ports, counters=counters)
     return rs
@@ -250,9 +251,11 @@ def _endpoint_chain(
     )
     for a, b, proto, p, q, pol in port_elems:
         span = {"concat": [_span(a, b), _PROTO_NAMES.get(proto, proto), _port_span(p, q)]}
-        ports_map.add([span, {"goto": {"target": policy_chain(pol)}}])
+        target = policy_chain(pol)
+        ports_map.add([span, {"goto": {"target": target}}], identity=(a, b, proto, p, q, target))
     for a, b, pol in any_elems:
-        any_map.add([_span(a, b), {"goto": {"target": policy_chain(pol)}}])
+        target = policy_chain(pol)
+        any_map.add([_span(a, b), {"goto": {"target": target}}], identity=(a, b, target))
     l4 = [peer, {"meta": {"key": "l4proto"}}, {"payload": {"protocol": "th", "field": "dport"}}]
     rs.chain("inet", chain).rules += [
         [{"vmap": {"key": {"concat": l4}, "data": f"@{chain}_ports"}}],
@@ -279,19 +282,19 @@ def _bridge_table(
     rs: Ruleset, compiled: CompiledPolicy, *, ports: Mapping[str, str], counters: Counters
 ) -> None:
     endpoints = [compiled.endpoints[k] for k in sorted(compiled.endpoints) if k in ports]
-    members: dict[str, tuple[Any, list[Any]]] = {
+    members: dict[str, tuple[Any, list[str]]] = {
         "ports": ("ifname", [ports[e.endpoint.key] for e in endpoints]),
-        "owned": (
-            ["ifname", "ipv4_addr"],
-            [{"concat": [ports[e.endpoint.key], str(e.endpoint.ip)]} for e in endpoints],
-        ),
         "isolated_out": ("ifname", [ports[e.endpoint.key] for e in endpoints if e.egress.isolated]),
         "isolated_in": ("ifname", [ports[e.endpoint.key] for e in endpoints if e.ingress.isolated]),
     }
-    for name, (kind, elements) in members.items():
+    for name, (kind, names) in members.items():
         collection = rs.collection("bridge", name, type=kind)
-        for element in elements:
-            collection.add(element)
+        for ifname in names:
+            collection.add(ifname, identity=ifname)
+    owned = rs.collection("bridge", "owned", type=["ifname", "ipv4_addr"])
+    for e in endpoints:
+        port, address = ports[e.endpoint.key], str(e.endpoint.ip)
+        owned.add({"concat": [port, address]}, identity=(port, address))
     iif, oif = {"meta": {"key": "iifname"}}, {"meta": {"key": "oifname"}}
     spoofed = counters.object(COUNTER_SPOOFED, denied=True)
     not_ipv4 = counters.object(COUNTER_NOT_IPV4, denied=True)
