@@ -58,6 +58,13 @@ FENCE_OP = -1
 """`TxnError.op_index` of the fence in a `txn_fenced` result: the session lost the key."""
 
 _MIN_WAIT = 0.001  # Consul reads wait=0 as "the default wait" (5 min): never send it
+# Plain reads in Consul's `consistent` mode. In the default mode a raft leader
+# answers from its state machine, which right after an election (a restart of
+# the Consul servers) can lag writes that were already committed: a new Nova
+# leader then planned from a state without its predecessor's last assignments
+# and moved replicas that should have stayed. `consistent` makes the leader
+# confirm its leadership and serve only once it has applied every commit.
+CONSISTENT = "consistent"
 _EARLY = 0.05  # a blocking query answering faster than this with the same index is suspicious
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 1.0
@@ -144,7 +151,7 @@ class ConsulStore(Store):
         check_http_key(key)
         client = self._client("get")
         with self._errors("get"):
-            _, item = await client.kv.get(key)
+            _, item = await client.kv.get(key, consistency=CONSISTENT)
         return None if item is None else _entry(item)
 
     async def _list(self, prefix: str) -> list[KVEntry]:
@@ -381,7 +388,13 @@ class ConsulStore(Store):
         client = self._client(what)
         with self._errors(what):
             raw_index, items = await client.kv.get(
-                prefix, recurse=True, index=index or None, wait=go_duration(max(wait, _MIN_WAIT))
+                prefix,
+                recurse=True,
+                index=index or None,
+                wait=go_duration(max(wait, _MIN_WAIT)),
+                # A blocking query wakes on a change of the index it was given;
+                # only a plain read must be up to date (see CONSISTENT).
+                consistency=None if index else CONSISTENT,
             )
         try:
             current = int(raw_index)
@@ -440,7 +453,15 @@ def _transient(body: str) -> bool:
     lowered = body.lower()
     return any(
         word in lowered
-        for word in ("no cluster leader", "leadership lost", "rpc error", "timeout", "eof", "raft")
+        for word in (
+            "no cluster leader",
+            "leadership lost",
+            "not ready to serve consistent reads",
+            "rpc error",
+            "timeout",
+            "eof",
+            "raft",
+        )
     )
 
 
