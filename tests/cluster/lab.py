@@ -449,8 +449,11 @@ class Lab:
             "ports": {"dns": -1, "grpc": -1, "grpc_tls": -1},
             "performance": {"raft_multiplier": 1},
             # A server back from a cut is a voter again after 2 s, not Consul's 10 s:
-            # until then the cluster cannot lose another server.
-            "autopilot": {"server_stabilization_time": "2s"},
+            # until then the cluster cannot lose another server. A cut is a
+            # partition, not a dead server: autopilot must not drop the cut
+            # server from the raft configuration (it then refused votes and
+            # rejoined only after a minute or more here).
+            "autopilot": {"server_stabilization_time": "2s", "cleanup_dead_servers": False},
         }
         if server:
             config["bootstrap_expect"] = CONSUL_SERVERS
