@@ -108,32 +108,16 @@ def _rule(ruleset: Ruleset, key: Key, expr: list[Json]) -> Json:
     }
 
 
-def _fill(ruleset: Ruleset, chain_keys: list[Key], collection_keys: list[Key]) -> list[Json]:
-    """Declarations, then elements, then rules of the given objects (all new)."""
-    cmds: list[Json] = []
-    for key in chain_keys:
-        cmds.append({"add": {"chain": _obj(ruleset, key, **ruleset.chains[key].decl)}})
-    for key in collection_keys:
-        collection = ruleset.collections[key]
-        cmds.append({"add": {_kind(collection): _obj(ruleset, key, **collection.decl)}})
-    for key in collection_keys:
-        elements = list(ruleset.collections[key].elements.values())
-        if elements:
-            cmds.append({"add": {"element": _elements(ruleset, key, elements)}})
-    for key in chain_keys:
-        cmds += [_rule(ruleset, key, expr) for expr in ruleset.chains[key].rules]
-    return cmds
-
-
 def replace_document(new: Ruleset) -> Json:
-    """One transaction that replaces Nova's tables with `new` (counters start at 0)."""
+    """One transaction that replaces Nova's tables with `new` (counters start at 0):
+    re-create the tables empty, then the update from nothing to `new`."""
     cmds: list[Json] = []
     for family in new.families:
         table = {"family": family, "name": new.table}
         cmds += [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
-    cmds += [{"add": {"counter": _obj(new, key)}} for key in new.counters]
-    cmds += _fill(new, list(new.chains), list(new.collections))
-    return {"nftables": cmds}
+    fill = update_document(Ruleset(table=new.table, families=new.families), new)
+    assert fill is not None  # nothing declared before: no declaration can differ
+    return {"nftables": cmds + fill["nftables"]}
 
 
 def update_document(old: Ruleset, new: Ruleset) -> Json | None:
